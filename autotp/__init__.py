@@ -1,0 +1,19 @@
+"""autotp: automatic tensor parallelism for HuggingFace transformers, with ZeRO data parallelism.
+
+    engine, optimizer, _, _ = autotp.initialize(model=model, optimizer=optimizer, config=ds_config)
+"""
+
+from .checkpoint import consolidated_state_dict, save_pretrained
+from .compat import set_autotp_mode, tp_model_init
+from .config import AutoTPConfig, ConfigError, parse_config
+from .engine import Engine, initialize
+from .groups import init_distributed
+from .plan import PlanError
+from .presets import PRESETS
+from .replace import parallelize
+
+__version__ = "0.1.0"
+
+__all__ = ["initialize", "parallelize", "init_distributed", "set_autotp_mode", "tp_model_init", "Engine",
+           "ConfigError", "PlanError", "AutoTPConfig", "parse_config", "consolidated_state_dict",
+           "save_pretrained", "PRESETS", "__version__"]

@@ -1,0 +1,108 @@
+"""Full (unsharded) state dicts and HF model directories from a TP-sharded model.
+
+Every rank of every TP group takes part in the gathers; only global rank 0 keeps the result. Directories are
+written under a temporary name and renamed into place, so a crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+from .shard import ShardLayout, local_shape, unshard_tensor
+
+
+def _global_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def gather_full(tensor: torch.Tensor, layout: ShardLayout, full_shape, group) -> torch.Tensor:
+    """All TP shards of `tensor` (uneven allowed) reassembled into the original tensor."""
+    world = comm.group_size(group)
+    shapes = [local_shape(layout, full_shape, r) for r in range(world)]
+    numels = [int(torch.Size(s).numel()) for s in shapes]
+    flat = tensor.detach().reshape(-1)
+    pieces = comm.all_gather_raw(flat, group, numels, dim=0)
+    shards, offset = [], 0
+    for shape, numel in zip(shapes, numels):
+        shards.append(pieces[offset:offset + numel].reshape(shape))
+        offset += numel
+    return unshard_tensor(shards, layout, full_shape)
+
+
+def consolidated_state_dict(model: torch.nn.Module, group=None, to_cpu: bool = True) -> Optional[dict]:
+    """The model's full state dict under its original names, on global rank 0; None elsewhere."""
+    state = getattr(model, "autotp_state", None)
+    if group is None and state is not None:
+        group = state.groups.tp_group
+    keep = _global_rank() == 0
+    full: dict = {}
+    done: dict[int, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = id(tensor)
+        if key not in done:
+            layout = getattr(tensor, "autotp_layout", None)
+            if layout is not None and comm.group_size(group) > 1:
+                value = gather_full(tensor, layout, tensor.autotp_full_shape, group)
+            else:
+                value = tensor.detach()
+            done[key] = value.cpu().clone() if (keep and to_cpu) else value
+        if keep:
+            full[name] = done[key]
+    return full if keep else None
+
+
+def atomic_directory(final_dir: str):
+    """A temporary sibling directory to fill; `commit(tmp)` swaps it in place of `final_dir`."""
+    parent = os.path.dirname(os.path.abspath(final_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(final_dir)) + ".tmp-", dir=parent)
+
+
+def commit_directory(tmp_dir: str, final_dir: str) -> None:
+    """Replace `final_dir` by `tmp_dir`: the old directory is moved aside first and removed last."""
+    old = None
+    if os.path.exists(final_dir):
+        old = tmp_dir + ".old"
+        os.rename(final_dir, old)
+    os.rename(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained(model: torch.nn.Module, save_dir: str, dtype: Optional[torch.dtype] = None,
+                    **hf_kwargs) -> None:
+    """An HF model directory (config + safetensors) loadable by `AutoModelForCausalLM.from_pretrained`
+    without autotp. Collective over all ranks; rank 0 writes."""
+    full = consolidated_state_dict(model)
+    error = None
+    if full is not None:
+        if dtype is not None:
+            full = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}
+        tmp = atomic_directory(save_dir)
+        try:
+            model.save_pretrained(tmp, state_dict=full, safe_serialization=True, **hf_kwargs)
+            commit_directory(tmp, save_dir)
+        except Exception as err:  # report on every rank below instead of leaving the others waiting
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = f"save_pretrained('{save_dir}') failed on rank 0: {err!r}"
+    _raise_everywhere(error)
+
+
+def _raise_everywhere(error: Optional[str]) -> None:
+    """Raise on every rank if any rank has an error (the message travels from the first failing rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error:
+            raise RuntimeError(error)
+        return
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, error)
+    failed = [m for m in messages if m]
+    if failed:
+        raise RuntimeError(failed[0])

@@ -1,0 +1,429 @@
+"""`initialize()` and the training `Engine` (ZeRO stage 0: replicated optimizer, DP all-reduce of gradients).
+
+Step anatomy at a gradient-accumulation boundary:
+  1. bucketed all-reduce (mean) of gradients over the DP group only; TP ranks hold different shards;
+  2. fp16: overflow check over every rank (DP x TP) so all skip together; unscale;
+  3. global L2 norm over DP x TP: a TP-sharded tensor counts once per distinct shard (replicated KV pieces
+     once), a replicated tensor once (from TP rank 0); clip by it;
+  4. optimizer step on fp32 master weights (bf16/fp16) or the parameters themselves (fp32); copy back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import comm
+from .checkpoint import consolidated_state_dict, save_pretrained
+from .config import AutoTPConfig, ConfigError, load_config_dict, parse_config
+from .groups import ParallelGroups, build_groups, groups_from_mesh, groups_from_mpu, init_distributed
+from .loss_scaler import LossScaler
+from .optim import build_optimizer, build_scheduler
+from .replace import parallelize
+
+logger = logging.getLogger("autotp")
+
+
+def _device_for_run() -> torch.device:
+    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True on every rank if `flag` is true on any rank (one all-reduce over the default group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _batch_fingerprint(args, kwargs) -> torch.Tensor:
+    """Fixed-size, order-sensitive float64 checksum of every tensor in the batch: element count, sum, and a
+    position-weighted sum (so a permuted batch differs too)."""
+    count, total, weighted, offset = 0.0, 0.0, 0.0, 0
+    for tensor in list(args) + [kwargs[k] for k in sorted(kwargs)]:
+        if torch.is_tensor(tensor):
+            flat = tensor.detach().reshape(-1).to(torch.float64).cpu()
+            weights = torch.arange(offset + 1, offset + flat.numel() + 1, dtype=torch.float64)
+            count += flat.numel()
+            total += float(flat.sum())
+            weighted += float((flat * weights).sum())
+            offset += flat.numel()
+    return torch.tensor([count, total, weighted], dtype=torch.float64)
+
+
+def _sumsq_counted_once(grad: torch.Tensor, param: nn.Parameter, tp_rank: int) -> torch.Tensor:
+    """Squared L2 norm of this rank's share, so that summing over TP counts every distinct value once."""
+    layout = getattr(param, "autotp_layout", None)
+    g = grad.detach().float()
+    if layout is None:
+        return g.pow(2).sum() if tp_rank == 0 else g.new_zeros(())
+    if all(block.pieces == layout.tp_size for block in layout.blocks):
+        return g.pow(2).sum()
+    # Replicated KV pieces: each of the `tp // pieces` holders counts 1/holders of its piece.
+    shard_view = g.reshape(_local_view_shape(layout, g.shape, tp_rank))
+    total, cursor = g.new_zeros(()), 0
+    for block, (_, length) in zip(layout.blocks, layout.local_ranges(tp_rank)):
+        piece = shard_view.narrow(layout.dim, cursor, length)
+        total = total + piece.pow(2).sum() * (block.pieces / layout.tp_size)
+        cursor += length
+    return total
+
+
+def _local_view_shape(layout, shape, rank):
+    if layout.view is None:
+        return shape
+    view = list(layout.view)
+    view[layout.dim] = layout.local_size(rank)
+    return view
+
+
+class Engine:
+    """What `initialize` returns first: call it like the model, then `backward(loss)` and `step()`."""
+
+    def __init__(self, model: nn.Module, optimizer, lr_scheduler, config: AutoTPConfig, groups: ParallelGroups,
+                 master_params: Optional[list], device: torch.device, fp16_section: dict):
+        self.module = model
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.config = config
+        self.groups = groups
+        self.device = device
+        self.global_steps = 0
+        self.micro_steps = 0
+        self.skipped_steps = 0
+        self._global_grad_norm: Optional[float] = None
+        self._batch_checked = False
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # Mixed precision: model params are bf16/fp16; the optimizer owns fp32 masters (same order).
+        self.master_params = master_params
+        self.loss_scaler = LossScaler.from_config(fp16_section) if config.fp16 else None
+
+    # ---- model-like surface --------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        if not self._batch_checked and self.module.training:
+            self._check_same_batch(args, kwargs)
+        return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def named_parameters(self):
+        return self.module.named_parameters()
+
+    @property
+    def tp_world_size(self) -> int:
+        return self.groups.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.groups.tp_rank
+
+    @property
+    def dp_world_size(self) -> int:
+        return self.groups.dp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.groups.dp_rank
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.config.gradient_accumulation_steps
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self.config.train_micro_batch_size_per_gpu
+
+    def train_batch_size(self) -> int:
+        return self.config.train_batch_size
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.config.gradient_accumulation_steps == 0
+
+    def get_global_grad_norm(self) -> Optional[float]:
+        return self._global_grad_norm
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.scale if self.loss_scaler else 1.0
+
+    # ---- training --------------------------------------------------------------------------------------
+    def _check_same_batch(self, args, kwargs) -> None:
+        """Every rank of a TP group must see the same micro-batch; a mismatch fails on all ranks at once."""
+        self._batch_checked = True
+        group = self.groups.tp_group
+        mismatch = False
+        if comm.group_size(group) > 1:
+            mine = _batch_fingerprint(args, kwargs).to(self.device)
+            rows = comm.all_gather_raw(mine, group, dim=0).reshape(comm.group_size(group), -1).cpu()
+            mismatch = not all(torch.equal(row, rows[0]) for row in rows)
+        if _any_rank(mismatch, self.device):
+            raise RuntimeError(
+                "autotp: ranks of a tensor-parallel group received different batches on the first step. Every "
+                f"rank of a TP group (size {self.groups.tp_size}) must get the same input; shard data over the "
+                "DP group only (engine.dp_rank / engine.dp_world_size, or pass training_data to initialize).")
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+        scaled = loss / self.config.gradient_accumulation_steps
+        if self.loss_scaler is not None:
+            scaled = scaled * self.loss_scaler.scale
+        scaled.backward(retain_graph=retain_graph)
+        if self.master_params is not None:
+            # Accumulate in fp32 on the masters; the half-precision grads are freed each micro-step.
+            for param, master in zip(self.params, self.master_params):
+                if param.grad is None:
+                    continue
+                if master.grad is None:
+                    master.grad = param.grad.float()
+                else:
+                    master.grad.add_(param.grad.float())
+                param.grad = None
+        return loss
+
+    def _grad_params(self) -> list[nn.Parameter]:
+        return self.master_params if self.master_params is not None else self.params
+
+    def _allreduce_dp(self, params) -> None:
+        """Mean of gradients over DP in flat buckets of `reduce_bucket_size` elements per dtype."""
+        if self.groups.dp_size == 1:
+            return
+        buckets: dict = {}
+        for param in params:
+            grad = param.grad
+            if grad is None:  # unused on this rank: contribute zeros so every rank sends the same bucket
+                grad = param.grad = torch.zeros_like(param)
+            buckets.setdefault(grad.dtype, []).append(grad)
+        limit = self.config.reduce_bucket_size
+        for grads in buckets.values():
+            start = 0
+            while start < len(grads):
+                end, numel = start, 0
+                while end < len(grads) and (end == start or numel + grads[end].numel() <= limit):
+                    numel += grads[end].numel()
+                    end += 1
+                chunk = grads[start:end]
+                flat = torch.cat([g.reshape(-1) for g in chunk])
+                dist.all_reduce(flat, group=self.groups.dp_group)
+                flat.div_(self.groups.dp_size)
+                offset = 0
+                for g in chunk:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+                start = end
+
+    def _global_norm(self, params) -> float:
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        owners = self.params  # layouts live on the model params; masters follow the same order
+        for owner, param in zip(owners, params):
+            if param.grad is not None:
+                total = total + _sumsq_counted_once(param.grad, owner, self.groups.tp_rank)
+        comm.all_reduce_raw(total, self.groups.tp_group)
+        return float(total.sqrt().item())
+
+    def step(self) -> None:
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_steps += 1
+        if not boundary:
+            return
+        params = self._grad_params()
+        self._allreduce_dp(params)
+        overflow = False
+        if self.loss_scaler is not None:
+            local_bad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params)
+            overflow = _any_rank(local_bad, self.device)
+            if not overflow:
+                inv = 1.0 / self.loss_scaler.scale
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(inv)
+            self.loss_scaler.update(overflow)
+        if overflow:
+            self.skipped_steps += 1
+            self._global_grad_norm = None
+            logger.warning("autotp: fp16 overflow at step %d, skipped; loss scale now %g", self.global_steps,
+                           self.loss_scaler.scale)
+        else:
+            norm = self._global_norm(params)
+            self._global_grad_norm = norm
+            clip = self.config.gradient_clipping
+            if clip > 0 and math.isfinite(norm):
+                coef = clip / (norm + 1e-6)
+                if coef < 1.0:
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.mul_(coef)
+            self.optimizer.step()
+            if self.master_params is not None:
+                with torch.no_grad():
+                    for param, master in zip(self.params, self.master_params):
+                        param.copy_(master)
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+        for p in params:
+            p.grad = None
+        for p in self.params:
+            p.grad = None
+        self.global_steps += 1
+        if self.config.steps_per_print and self.global_steps % self.config.steps_per_print == 0 and (
+                not dist.is_initialized() or dist.get_rank() == 0):
+            logger.info("autotp step %d: lr=%s grad_norm=%s", self.global_steps, self.get_lr(),
+                        self._global_grad_norm)
+
+    def zero_grad(self) -> None:
+        for p in list(self.params) + list(self.master_params or []):
+            p.grad = None
+
+    # ---- saving ---------------------------------------------------------------------------------------
+    def consolidated_state_dict(self) -> Optional[dict]:
+        return consolidated_state_dict(self.module, self.groups.tp_group)
+
+    def save_pretrained(self, save_dir: str, **kwargs) -> None:
+        save_pretrained(self.module, save_dir, **kwargs)
+
+
+def _remap_optimizer(optimizer, mapping: dict) -> None:
+    """Point an optimizer built on the unsharded parameters at their shards (or fp32 masters)."""
+    for group in optimizer.param_groups:
+        group["params"] = [mapping.get(id(p), p) for p in group["params"]]
+    if any(optimizer.state.values()):
+        raise ConfigError("the optimizer passed to autotp.initialize already holds state; build it before "
+                          "training starts (its state cannot be sharded)")
+    optimizer.state.clear()
+
+
+def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=None, config=None, mpu=None,
+               training_data=None, collate_fn=None, device_mesh=None, config_params=None):
+    """DeepSpeed-compatible entry point: returns (engine, optimizer, dataloader, lr_scheduler)."""
+    if model is None:
+        raise ConfigError("autotp.initialize needs model=")
+    if config is None and config_params is not None:
+        config = config_params
+    init_distributed()
+    raw = load_config_dict(config)
+    world = dist.get_world_size()
+    cfg = parse_config(raw, world)  # validates every key before any collective
+    if cfg.unused_keys and dist.get_rank() == 0:
+        warnings.warn("autotp ignores these DeepSpeed config keys: " + ", ".join(cfg.unused_keys), stacklevel=2)
+    tp_size = cfg.tensor_parallel.autotp_size
+    tp_given = "autotp_size" in (raw.get("tensor_parallel") or {}) or "tp_size" in (raw.get("tensor_parallel") or {})
+
+    state = getattr(model, "autotp_state", None)
+    if device_mesh is not None:
+        groups = groups_from_mesh(device_mesh)
+    elif mpu is not None:
+        groups = groups_from_mpu(mpu)
+    elif state is not None:
+        groups = state.groups
+    else:
+        groups = build_groups(tp_size)
+    if tp_given and groups.tp_size != tp_size:
+        source = "tp_model_init/parallelize" if state is not None else "mpu/device_mesh"
+        raise ConfigError(f"config key 'tensor_parallel.autotp_size' = {tp_size} conflicts with TP size "
+                          f"{groups.tp_size} from {source}")
+    if groups.dp_group is None and groups.tp_size < world:
+        groups = build_groups(groups.tp_size) if state is None else groups
+    if groups.tp_size * groups.dp_size != world:
+        raise ConfigError(f"TP size {groups.tp_size} x DP size {groups.dp_size} != world size {world}")
+    if groups.tp_size != tp_size:
+        cfg = parse_config({**raw, "tensor_parallel": {**(raw.get("tensor_parallel") or {}),
+                                                        "autotp_size": groups.tp_size}}, world)
+
+    original = {id(p): p for p in model.parameters()}
+    names_before = {id(p): n for n, p in model.named_parameters()}
+    if state is None:
+        tp = cfg.tensor_parallel
+        parallelize(model, tp_group=groups.tp_group if groups.tp_size > 1 else None, tp_size=groups.tp_size,
+                    preset_model=tp.preset_model, partition_config=tp.partition_config,
+                    device_mesh=groups.device_mesh)
+        model.autotp_state.groups = groups
+    device = _device_for_run()
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+    model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    _broadcast_parameters(model, groups)
+
+    # Map unsharded parameter ids to what the optimizer must now update.
+    after = dict(model.named_parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+    master_params = None
+    if dtype is not None:
+        master_params = [nn.Parameter(p.detach().float().clone()) for p in params]
+        for p, m in zip(params, master_params):
+            for attr in ("autotp_layout", "autotp_full_shape"):
+                if hasattr(p, attr):
+                    setattr(m, attr, getattr(p, attr))
+    target_of = {id(p): (m if master_params is not None else p)
+                 for p, m in zip(params, master_params or params)}
+    mapping = {}
+    for pid, name in names_before.items():
+        if name in after and id(after[name]) in target_of:
+            mapping[pid] = target_of[id(after[name])]
+
+    if optimizer is not None and not callable(getattr(optimizer, "step", None)) and callable(optimizer):
+        optimizer = optimizer([mapping.get(id(p), p) for p in (model_parameters or original.values())])
+    elif optimizer is not None:
+        _remap_optimizer(optimizer, mapping)
+    elif cfg.optimizer is not None:
+        source = model_parameters if model_parameters is not None else original.values()
+        source = list(source)
+        if source and isinstance(source[0], dict):
+            source = [dict(g, params=[mapping.get(id(p), p) for p in g["params"]]) for g in source]
+        else:
+            source = [mapping.get(id(p), p) for p in source if getattr(p, "requires_grad", True)]
+        optimizer = build_optimizer(cfg.optimizer, source)
+    else:
+        raise ConfigError("no optimizer: pass optimizer= to autotp.initialize or set the config key 'optimizer'")
+
+    if lr_scheduler is not None and not hasattr(lr_scheduler, "step") and callable(lr_scheduler):
+        lr_scheduler = lr_scheduler(optimizer)
+    elif lr_scheduler is None and cfg.scheduler is not None:
+        lr_scheduler = build_scheduler(cfg.scheduler, optimizer)
+
+    engine = Engine(model, optimizer, lr_scheduler, cfg, groups, master_params, device, raw.get("fp16") or {})
+    dataloader = None
+    if training_data is not None:
+        dataloader = _build_dataloader(training_data, collate_fn, cfg, groups)
+    return engine, optimizer, dataloader, lr_scheduler
+
+
+def _broadcast_parameters(model: nn.Module, groups: ParallelGroups) -> None:
+    """Make DP replicas identical (from DP rank 0), as DeepSpeed does at start."""
+    if groups.dp_group is None or groups.dp_size == 1:
+        return
+    src = dist.get_global_rank(groups.dp_group, 0) if hasattr(dist, "get_global_rank") else 0
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(tensor.data, src=src, group=groups.dp_group)
+
+
+def _build_dataloader(dataset, collate_fn, cfg: AutoTPConfig, groups: ParallelGroups):
+    """Each DP rank reads its own part; every rank of a TP group reads the same samples."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=groups.dp_size, rank=groups.dp_rank, shuffle=True,
+                                 seed=cfg.seed or 0, drop_last=True)
+    return DataLoader(dataset, batch_size=cfg.train_micro_batch_size_per_gpu, sampler=sampler,
+                      collate_fn=collate_fn, drop_last=True)

@@ -1,0 +1,182 @@
+"""Tensor-parallel modules: column- and row-parallel linear, vocabulary-parallel embedding, TP expert blocks.
+
+Shapes (R = TP ranks, M tokens, K input features, N output features):
+
+| layer            | weight held (Linear layout) | input            | output                          |
+|------------------|-----------------------------|------------------|---------------------------------|
+| column           | w_shard_n [N/R, K]          | x [M, K]         | y_shard_n [M, N/R] (or gathered) |
+| row              | w_shard_k [N, K/R]          | x_shard_k [M, K/R] (or split here) | y [M, N] after all-reduce |
+
+Conv1D (GPT-2) keeps its [K, N] layout so parameter names and orientation match the original model; the
+shard metadata records which dimension was cut. Communication lives in `comm` (autograd pairs); these
+modules only choose which pair runs where.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import comm
+from .shard import ShardLayout
+
+
+def _linear(x, weight, bias, conv1d: bool):
+    if conv1d:
+        out = torch.matmul(x, weight)
+        return out + bias if bias is not None else out
+    return F.linear(x, weight, bias)
+
+
+class _ParallelLinear(nn.Module):
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], layout: ShardLayout, tp_group,
+                 tp_rank: int, conv1d: bool, full_in: int, full_out: int):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.layout = layout
+        self.tp_group = tp_group
+        self.tp_rank = tp_rank
+        self.conv1d = conv1d
+        self.full_in_features = full_in
+        self.full_out_features = full_out
+        # Linear-compatible attributes: HF code sometimes reads these (e.g. `module.in_features`).
+        self.in_features = weight.shape[0] if conv1d else weight.shape[1]
+        self.out_features = weight.shape[1] if conv1d else weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return (f"{type(self).__name__.replace('ParallelLinear', '').lower()}: tp_rank={self.tp_rank}/"
+                f"{self.layout.tp_size}, local={tuple(self.weight.shape)}, unsharded_in={self.full_in_features}, "
+                f"unsharded_out={self.full_out_features}, bias={self.bias is not None}"
+                + (", conv1d" if self.conv1d else ""))
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """Output features split over TP. forward: copy input, local GEMM, optionally all-gather the output;
+    backward: all-reduce the input gradient."""
+
+    def __init__(self, *args, gather_output: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gather_output = gather_output
+        sizes = [self.layout.local_size(r) for r in range(self.layout.tp_size)]
+        self.gather_sizes = sizes
+        # Shards of a fused projection interleave by rank after the gather ([q0 k0 v0 | q1 k1 v1]); this
+        # index puts the gathered features back in the original order, replicated KV pieces taken once.
+        if gather_output and not self.layout.is_plain:
+            order, offset = torch.empty(self.layout.full_size, dtype=torch.long), 0
+            for rank in range(self.layout.tp_size):
+                index = self.layout.local_index(rank)
+                order[index] = torch.arange(offset, offset + len(index))
+                offset += len(index)
+            self.register_buffer("gather_order", order, persistent=False)
+        else:
+            self.gather_order = None
+
+    def forward(self, x):
+        x = comm.copy_to_tp(x, self.tp_group)
+        y_shard_n = _linear(x, self.weight, self.bias, self.conv1d)
+        if not self.gather_output:
+            return y_shard_n
+        y = comm.gather_from_tp(y_shard_n, self.tp_group, self.gather_sizes)
+        if self.gather_order is not None:
+            y = y.index_select(-1, self.gather_order)
+        return y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", gather_output" if self.gather_output else "")
+
+
+class RowParallelLinear(_ParallelLinear):
+    """Input features split over TP. forward: (optionally split the full input), local GEMM, all-reduce,
+    add the bias once; backward: identity for the output gradient."""
+
+    def __init__(self, *args, split_input: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.split_input = split_input
+        self.split_sizes = [self.layout.local_size(r) for r in range(self.layout.tp_size)]
+        if split_input and not self.layout.is_plain:
+            self.register_buffer("input_index", self.layout.local_index(self.tp_rank), persistent=False)
+        else:
+            self.input_index = None
+
+    def forward(self, x):
+        if self.split_input:
+            if self.input_index is None:
+                x = comm.split_to_tp(x, self.tp_group, self.split_sizes)
+            else:
+                x = comm.copy_to_tp(x, self.tp_group).index_select(-1, self.input_index)
+        y_partial = _linear(x, self.weight, None, self.conv1d)
+        y = comm.reduce_from_tp(y_partial, self.tp_group)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", split_input" if self.split_input else "")
+
+
+class VocabParallelEmbeddingMixin:
+    """Mixed into the model's own embedding class (keeps subclass behaviour such as Gemma's scaling).
+
+    The weight holds rows [vocab_start, vocab_start + rows) of the vocabulary. forward: ids outside the shard
+    read row 0 and are zeroed, then the partial embeddings are all-reduced; backward: identity.
+    """
+
+    autotp_vocab_start: int
+    autotp_group = None
+
+    def forward(self, input_ids):
+        rows = self.weight.shape[0]
+        outside = (input_ids < self.autotp_vocab_start) | (input_ids >= self.autotp_vocab_start + rows)
+        local_ids = (input_ids - self.autotp_vocab_start).masked_fill(outside, 0)
+        partial = super().forward(local_ids)
+        partial = partial.masked_fill(outside.unsqueeze(-1), 0.0)
+        return comm.reduce_from_tp(partial, self.autotp_group)
+
+    def extra_repr(self):
+        return (super().extra_repr() + f", vocab_parallel: rows [{self.autotp_vocab_start}, "
+                f"{self.autotp_vocab_start + self.weight.shape[0]}) of {self.autotp_full_rows}")
+
+
+class ColumnParallelEmbeddingMixin:
+    """Embedding dimension split over TP; forward gathers the full embedding (HF's `embedding_colwise`)."""
+
+    autotp_group = None
+
+    def forward(self, input_ids):
+        return comm.gather_from_tp(super().forward(input_ids), self.autotp_group, self.autotp_sizes)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", embedding_dim_parallel: unsharded={sum(self.autotp_sizes)}"
+
+
+class TPExpertsMixin:
+    """Experts whose intermediate dimension is split over TP (HF's `moe_tp_experts`).
+
+    Each rank computes every routed expert on its slice of the intermediate features, so the output is a
+    partial sum. forward: copy hidden states in, all-reduce the output; backward: all-reduce the input grad.
+    Router inputs (indices, weights) are replicated and pass through untouched.
+    """
+
+    autotp_group = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        hidden_states = comm.copy_to_tp(hidden_states, self.autotp_group)
+        out_partial = super().forward(hidden_states, *args, **kwargs)
+        return comm.reduce_from_tp(out_partial, self.autotp_group)
+
+    def extra_repr(self):
+        return super().extra_repr() + f"tp_experts: intermediate split over {comm.group_size(self.autotp_group)}"
+
+
+_MIXED_CLASSES: dict = {}
+
+
+def mix_into(module: nn.Module, mixin: type) -> None:
+    """Give `module` a class that runs `mixin`'s forward around its own (one cached class per pair)."""
+    key = (mixin, type(module))
+    if key not in _MIXED_CLASSES:
+        base = type(module)
+        _MIXED_CLASSES[key] = type(mixin.__name__.replace("Mixin", "") + "_" + base.__name__, (mixin, base), {})
+    module.__class__ = _MIXED_CLASSES[key]

@@ -1,0 +1,128 @@
+"""Optimizers and learning-rate schedules from the config's `optimizer` / `scheduler` sections.
+
+Schedules follow DeepSpeed's definitions of WarmupLR, WarmupDecayLR and WarmupCosineLR (the formulas, in
+our own code), so a config tuned under DeepSpeed gives the same learning rate at every step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ConfigError, OptimizerConfig, SchedulerConfig
+
+
+def build_optimizer(spec: OptimizerConfig, params) -> torch.optim.Optimizer:
+    params_cfg = dict(spec.params)
+    kind = spec.type.lower()
+    try:
+        if kind == "adam":
+            # DeepSpeed's "Adam" applies decoupled weight decay (AdamW) unless adam_w_mode is false.
+            adam_w_mode = params_cfg.pop("adam_w_mode", True)
+            params_cfg.pop("torch_adam", None)
+            cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
+            if cls is torch.optim.AdamW:
+                params_cfg.setdefault("weight_decay", 0.0)
+            return cls(params, **params_cfg)
+        if kind == "adamw":
+            return torch.optim.AdamW(params, **params_cfg)
+        return torch.optim.SGD(params, **params_cfg)
+    except TypeError as err:
+        raise ConfigError(f"config key 'optimizer.params' = {spec.params!r}: {err}") from None
+
+
+def _warmup_gamma(step: int, warmup_steps: int, warmup_type: str) -> float:
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return 1.0
+    if warmup_type == "log":
+        return math.log(step + 1) / math.log(warmup_steps)
+    return step / warmup_steps
+
+
+class WarmupLR(torch.optim.lr_scheduler.LRScheduler):
+    """Warm up from warmup_min_lr to warmup_max_lr over warmup_num_steps ('log' or 'linear'), then hold."""
+
+    def __init__(self, optimizer, warmup_min_lr=0.0, warmup_max_lr=0.001, warmup_num_steps=1000,
+                 warmup_type="log", last_batch_iteration=-1):
+        if warmup_type not in ("log", "linear"):
+            raise ConfigError(f"config key 'scheduler.params.warmup_type' = {warmup_type!r}: must be log or linear")
+        self.min_lrs = self._per_group(optimizer, warmup_min_lr)
+        self.max_lrs = self._per_group(optimizer, warmup_max_lr)
+        self.warmup_num_steps = max(2, int(warmup_num_steps))
+        self.warmup_type = warmup_type
+        super().__init__(optimizer, last_batch_iteration)
+
+    @staticmethod
+    def _per_group(optimizer, value):
+        values = value if isinstance(value, (list, tuple)) else [value] * len(optimizer.param_groups)
+        if len(values) != len(optimizer.param_groups):
+            raise ConfigError(f"scheduler learning rates {value!r}: expected {len(optimizer.param_groups)} values")
+        return [float(v) for v in values]
+
+    def _gamma(self, step: int) -> float:
+        return _warmup_gamma(step, self.warmup_num_steps, self.warmup_type)
+
+    def get_lr(self):
+        step = max(self.last_epoch, 0)
+        gamma = self._gamma(step)
+        return [lo + (hi - lo) * gamma for lo, hi in zip(self.min_lrs, self.max_lrs)]
+
+
+class WarmupDecayLR(WarmupLR):
+    """WarmupLR, then linear decay to warmup_min_lr at total_num_steps."""
+
+    def __init__(self, optimizer, total_num_steps, warmup_min_lr=0.0, warmup_max_lr=0.001, warmup_num_steps=1000,
+                 warmup_type="log", last_batch_iteration=-1):
+        self.total_num_steps = int(total_num_steps)
+        if self.total_num_steps < warmup_num_steps:
+            raise ConfigError(f"config key 'scheduler.params.total_num_steps' = {total_num_steps}: must be >= "
+                              f"warmup_num_steps {warmup_num_steps}")
+        super().__init__(optimizer, warmup_min_lr, warmup_max_lr, warmup_num_steps, warmup_type,
+                         last_batch_iteration)
+
+    def _gamma(self, step: int) -> float:
+        if step < self.warmup_num_steps:
+            return _warmup_gamma(step, self.warmup_num_steps, self.warmup_type)
+        span = max(1.0, self.total_num_steps - self.warmup_num_steps)
+        return max(0.0, (self.total_num_steps - step) / span)
+
+
+class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
+    """Ratio of the optimizer's own lr: warm up from warmup_min_ratio to 1, then cosine down to cos_min_ratio."""
+
+    def __init__(self, optimizer, total_num_steps, warmup_min_ratio=0.0, warmup_num_steps=1000,
+                 cos_min_ratio=0.0001, warmup_type="log", last_batch_iteration=-1):
+        if warmup_type not in ("log", "linear"):
+            raise ConfigError(f"config key 'scheduler.params.warmup_type' = {warmup_type!r}: must be log or linear")
+        self.total_num_steps = int(total_num_steps)
+        self.warmup_min_ratio = float(warmup_min_ratio)
+        self.warmup_num_steps = max(2, int(warmup_num_steps))
+        self.cos_min_ratio = float(cos_min_ratio)
+        self.warmup_type = warmup_type
+        if self.total_num_steps < self.warmup_num_steps:
+            raise ConfigError(f"config key 'scheduler.params.total_num_steps' = {total_num_steps}: must be >= "
+                              f"warmup_num_steps {warmup_num_steps}")
+        super().__init__(optimizer, last_batch_iteration)
+
+    def _ratio(self, step: int) -> float:
+        if step < self.warmup_num_steps:
+            gamma = _warmup_gamma(step, self.warmup_num_steps, self.warmup_type)
+            return self.warmup_min_ratio + (1.0 - self.warmup_min_ratio) * gamma
+        progress = (step - self.warmup_num_steps) / max(1, self.total_num_steps - self.warmup_num_steps)
+        cosine = (1.0 + math.cos(math.pi * min(progress, 1.0))) / 2.0
+        return max(0.0, self.cos_min_ratio + (1.0 - self.cos_min_ratio) * cosine)
+
+    def get_lr(self):
+        ratio = self._ratio(max(self.last_epoch, 0))
+        return [base * ratio for base in self.base_lrs]
+
+
+SCHEDULERS = {"WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR, "WarmupCosineLR": WarmupCosineLR}
+
+
+def build_scheduler(spec: SchedulerConfig, optimizer):
+    try:
+        return SCHEDULERS[spec.type](optimizer, **spec.params)
+    except TypeError as err:
+        raise ConfigError(f"config key 'scheduler.params' = {spec.params!r}: {err}") from None

@@ -1,0 +1,328 @@
+"""Apply a resolved plan to a model: shard weights, swap Linear/Conv1D for TP layers, localise head counts.
+
+Every sharded parameter carries `autotp_layout` (its `ShardLayout`) so `checkpoint.consolidate` can put the
+full tensor back under the original name. Parameter names never change: a swapped layer keeps `weight` and
+`bias` at the same module path.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from . import comm
+from .config import PartitionConfig, parse_partition_config
+from .groups import ParallelGroups, build_groups, groups_from_mesh, groups_from_tp_group
+from .layers import (ColumnParallelEmbeddingMixin, ColumnParallelLinear, RowParallelLinear, TPExpertsMixin,
+                     VocabParallelEmbeddingMixin, mix_into)
+from .plan import (Action, ModelDims, PlanError, Rule, Target, build_rules, format_plan, model_dims, resolve_plan,
+                   rules_from_tp_plan)
+from .presets import ATTENTION_ATTRIBUTES, FAMILY_OPTIONS, PRESETS
+from .shard import Block, ShardLayout, shard_tensor
+
+logger = logging.getLogger("autotp")
+
+
+@dataclass
+class TPState:
+    """What `parallelize` did, kept on the model as `model.autotp_state`."""
+
+    groups: ParallelGroups
+    actions: dict[str, Action]
+    plan_source: str
+    dims: ModelDims
+    hooks: list = field(default_factory=list)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def collect_targets(model: nn.Module) -> list[Target]:
+    """Linear, Conv1D and Embedding modules, 3-D parameters (fused experts), and every other module."""
+    block_prefixes = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+
+    def in_block(name: str) -> bool:
+        return any(name.startswith(prefix + ".") for prefix in block_prefixes)
+
+    targets = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if isinstance(module, nn.Linear):
+            targets.append(Target(name, "linear", tuple(module.weight.shape), in_block(name)))
+        elif _is_conv1d(module):
+            targets.append(Target(name, "conv1d", tuple(module.weight.shape), in_block(name)))
+        elif isinstance(module, nn.Embedding):
+            targets.append(Target(name, "embedding", tuple(module.weight.shape), in_block(name)))
+        else:
+            for pname, param in module.named_parameters(recurse=False):
+                if param.dim() == 3:
+                    targets.append(Target(f"{name}.{pname}", "param", tuple(param.shape), in_block(name)))
+            targets.append(Target(name, "module", (), in_block(name)))
+    return targets
+
+
+def _resolve_groups(tp_size, tp_group, device_mesh) -> ParallelGroups:
+    if device_mesh is not None:
+        return groups_from_mesh(device_mesh)
+    if tp_group is not None:
+        groups = groups_from_tp_group(tp_group)
+        if tp_size is not None and tp_size != groups.tp_size:
+            raise PlanError(f"tp_size {tp_size} does not match the size {groups.tp_size} of the given tp_group")
+        return groups
+    return build_groups(tp_size or 1)
+
+
+def _bias_layout(layout: ShardLayout) -> ShardLayout:
+    return ShardLayout(0, layout.blocks, layout.tp_size, None)
+
+
+class _Sharder:
+    def __init__(self, model: nn.Module, groups: ParallelGroups, dims: ModelDims):
+        self.model = model
+        self.groups = groups
+        self.dims = dims
+        self.rank = groups.tp_rank
+        self.done: dict[int, nn.Parameter] = {}  # id(original parameter) -> shard, keeps tied weights tied
+        self.layouts: dict[int, ShardLayout] = {}
+        self.hooks: list = []
+
+    def shard_param(self, param: nn.Parameter, layout: ShardLayout, name: str) -> nn.Parameter:
+        key = id(param)
+        if key in self.done:
+            if self.layouts[key] != layout:
+                raise PlanError(f"parameter '{name}' is shared (tied) with another layer that is split differently; "
+                                "give both the same partition (e.g. both vocabulary-parallel) or neither")
+            return self.done[key]
+        shard = nn.Parameter(shard_tensor(param.data, layout, self.rank), requires_grad=param.requires_grad)
+        shard.autotp_layout = layout
+        shard.autotp_full_shape = tuple(param.shape)
+        self.done[key] = shard
+        self.layouts[key] = layout
+        return shard
+
+    def replace_module(self, name: str, new: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, new)
+
+    def grad_allreduce(self, param: nn.Parameter) -> None:
+        """Sum this replicated parameter's gradient over TP (it saw only this rank's heads)."""
+        if getattr(param, "autotp_grad_allreduce", False) or self.groups.tp_size == 1:
+            return
+        group = self.groups.tp_group
+        param.autotp_grad_allreduce = True
+        self.hooks.append(param.register_hook(lambda grad: comm.all_reduce_raw(grad.clone(), group)))
+
+    def kv_replica_grad_sum(self, param: nn.Parameter, layout: ShardLayout) -> None:
+        """A KV head held by several ranks: each rank's copy gets the gradient of its own query heads; the
+        true gradient is their sum. Place each copy in a full-size buffer, all-reduce, take the local part."""
+        group, rank = self.groups.tp_group, self.rank
+        ranges = layout.local_ranges(rank)
+
+        def hook(grad):
+            full_shape = list(grad.shape)
+            full_shape[layout.dim] = layout.full_size
+            full = grad.new_zeros(full_shape)
+            cursor = 0
+            for start, length in ranges:
+                full.narrow(layout.dim, start, length).add_(grad.narrow(layout.dim, cursor, length))
+                cursor += length
+            comm.all_reduce_raw(full, group)
+            return torch.cat([full.narrow(layout.dim, start, length) for start, length in ranges], dim=layout.dim)
+
+        self.hooks.append(param.register_hook(hook))
+
+    def apply(self, action: Action, modules: dict[str, nn.Module]) -> Optional[tuple]:
+        target = action.target
+        group = self.groups.tp_group
+        if action.style == "skip":
+            if action.grad_allreduce:
+                owner = modules.get(target.name)
+                params = list(owner.parameters()) if owner is not None else []
+                for param in params:
+                    self.grad_allreduce(param)
+            return None
+        if action.style == "experts":
+            module = modules[target.name]
+            mix_into(module, TPExpertsMixin)
+            module.autotp_group = group
+            return None
+        layout = action.layout
+        if target.kind == "param":
+            owner_name, _, pname = target.name.rpartition(".")
+            owner = modules[owner_name]
+            shard = self.shard_param(getattr(owner, pname), layout, target.name)
+            setattr(owner, pname, shard)
+            if action.kv_replicas > 1:
+                self.kv_replica_grad_sum(shard, layout)
+            return tuple(shard.shape)
+        module = modules[target.name]
+        if target.kind == "embedding":
+            return self._embedding(module, action)
+        weight = self.shard_param(module.weight, layout, target.name + ".weight")
+        bias = None
+        if getattr(module, "bias", None) is not None:
+            if action.style == "column":
+                bias = self.shard_param(module.bias, _bias_layout(layout), target.name + ".bias")
+            else:
+                bias = module.bias  # added once, after the all-reduce
+        conv1d = target.kind == "conv1d"
+        full_out, full_in = (module.weight.shape[1], module.weight.shape[0]) if conv1d else module.weight.shape[:2]
+        cls = ColumnParallelLinear if action.style == "column" else RowParallelLinear
+        extra = {"gather_output": action.gather_output} if action.style == "column" else {"split_input": action.split_input}
+        new = cls(weight, bias, layout, group, self.rank, conv1d, full_in, full_out, **extra)
+        new.train(module.training)
+        self.replace_module(target.name, new)
+        if action.kv_replicas > 1:
+            self.kv_replica_grad_sum(weight, layout)
+            if bias is not None:
+                self.kv_replica_grad_sum(bias, _bias_layout(layout))
+        return tuple(weight.shape)
+
+    def _embedding(self, module: nn.Embedding, action: Action) -> tuple:
+        layout = action.layout
+        full_rows, full_dim = module.weight.shape
+        module.weight = self.shard_param(module.weight, layout, action.target.name + ".weight")
+        module.autotp_group = self.groups.tp_group
+        if action.style == "vocab":
+            start, rows = layout.local_ranges(self.rank)[0]
+            module.autotp_vocab_start = start
+            module.autotp_full_rows = full_rows
+            if module.padding_idx is not None:
+                local = module.padding_idx - start
+                module.padding_idx = local if 0 <= local < rows else None
+            module.num_embeddings = rows
+            mix_into(module, VocabParallelEmbeddingMixin)
+        else:
+            module.autotp_sizes = [layout.local_size(r) for r in range(layout.tp_size)]
+            module.embedding_dim = module.weight.shape[1]
+            mix_into(module, ColumnParallelEmbeddingMixin)
+        return tuple(module.weight.shape)
+
+
+def _localise_attention(model: nn.Module, actions: dict[str, Action], dims: ModelDims, tp: int, hooks: list):
+    """Set head counts on attention modules whose query heads are now split (see presets.ATTENTION_ATTRIBUTES)."""
+    if tp == 1 or not dims.q_heads:
+        return
+    split_parents: dict[str, int] = {}
+    for name, action in actions.items():
+        if action.style != "column" or action.gather_output or action.target.kind not in ("linear", "conv1d"):
+            continue
+        if action.layout is None or not any(b.unit % dims.head_dim == 0 for b in action.layout.blocks):
+            continue
+        parent = name.rpartition(".")[0]
+        split_parents[parent] = max(split_parents.get(parent, 1), action.kv_replicas)
+    family = FAMILY_OPTIONS.get(dims.model_type, {})
+    q_local = dims.q_heads // tp
+    for parent, kv_replicas in split_parents.items():
+        module = model.get_submodule(parent) if parent else model
+        kv_local = max(dims.kv_heads // tp, 1) if dims.kv_heads else q_local
+        values = {"q": q_local, "kv": kv_local, "groups": q_local // kv_local, "q_width": q_local * dims.head_dim}
+        for attr, kind in ATTENTION_ATTRIBUTES.items():
+            if isinstance(getattr(module, attr, None), int) and not isinstance(getattr(module, attr), bool):
+                setattr(module, attr, values[kind])
+        if family.get("config_view") and getattr(module, "config", None) is not None:
+            module.config = LocalConfigView(module.config, num_attention_heads=q_local, num_key_value_heads=kv_local)
+        if family.get("alibi_kwarg"):
+            hooks.append(module.register_forward_pre_hook(_alibi_slicer(dims.q_heads, tp, model), with_kwargs=True))
+
+
+class LocalConfigView:
+    """Reads through to the shared model config except for a few local overrides (local head counts)."""
+
+    def __init__(self, base, **overrides):
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_overrides", overrides)
+
+    def __getattr__(self, name):
+        overrides = object.__getattribute__(self, "_overrides")
+        if name in overrides:
+            return overrides[name]
+        return getattr(object.__getattribute__(self, "_base"), name)
+
+    def __setattr__(self, name, value):
+        setattr(object.__getattribute__(self, "_base"), name, value)
+
+
+def _alibi_slicer(global_heads: int, tp: int, model):
+    """ALiBi biases and 4-D masks are built for all heads at model level; keep this rank's heads."""
+    local = global_heads // tp
+
+    def slice_heads(tensor, rank):
+        if not torch.is_tensor(tensor):
+            return tensor
+        if tensor.dim() == 3 and tensor.size(0) % global_heads == 0:  # [batch * heads, 1, kv]
+            batch = tensor.size(0) // global_heads
+            view = tensor.view(batch, global_heads, *tensor.shape[1:])
+            return view[:, rank * local:(rank + 1) * local].reshape(batch * local, *tensor.shape[1:])
+        if tensor.dim() == 4 and tensor.size(1) == global_heads:  # [batch, heads, q, kv]
+            return tensor[:, rank * local:(rank + 1) * local]
+        return tensor
+
+    def hook(module, args, kwargs):
+        rank = comm.group_rank(model.autotp_state.groups.tp_group)
+        for key in ("alibi", "attention_mask"):
+            if key in kwargs:
+                kwargs[key] = slice_heads(kwargs[key], rank)
+        return args, kwargs
+
+    return hook
+
+
+def _check_family(model: nn.Module, dims: ModelDims, tp: int) -> None:
+    for name, module in model.named_modules():
+        if getattr(module, "slow_but_exact", False) and getattr(module, "pretraining_tp", 1) > 1 and tp > 1:
+            raise PlanError(f"module '{name}': slow_but_exact with pretraining_tp > 1 bypasses the dense layer's "
+                            "forward; set config.slow_but_exact = False to train it with autotp")
+
+
+def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, preset_model: Optional[str] = None,
+                partition_config: Any = None, device_mesh=None, verbose: bool = True) -> nn.Module:
+    """Shard `model` in place over the TP group and return it.
+
+    `partition_config` is DeepSpeed's `partition_config` (dict or `PartitionConfig`) or an HF-style tp_plan
+    (`{"layers.*.mlp.up_proj": "colwise", ...}`), like `parallelize_module`'s plan.
+    """
+    if getattr(model, "autotp_state", None) is not None:
+        raise PlanError("model is already parallelized by autotp")
+    if preset_model is not None and preset_model.lower() not in PRESETS:
+        raise PlanError(f"preset_model '{preset_model}' is unknown; known: {sorted(PRESETS)}")
+    groups = _resolve_groups(tp_size, tp_group, device_mesh)
+    config = getattr(model, "config", None)
+    dims = model_dims(config)
+    targets = collect_targets(model)
+    strict = False
+    if isinstance(partition_config, dict) and partition_config and all(
+            isinstance(v, str) for v in partition_config.values()):
+        rules, source = rules_from_tp_plan(partition_config), "tp_plan(argument)"
+    else:
+        partition = parse_partition_config(partition_config) if not isinstance(partition_config, PartitionConfig) \
+            else partition_config
+        strict = bool(partition and partition.strict_mode)
+        rules, source = build_rules(model, targets, dims, preset_model and preset_model.lower(), partition)
+    actions = resolve_plan(targets, rules, dims, groups.tp_size, strict=strict)
+    _check_family(model, dims, groups.tp_size)
+
+    sharder = _Sharder(model, groups, dims)
+    modules = dict(model.named_modules())
+    local_shapes = {}
+    if groups.tp_size > 1:
+        for name, action in actions.items():
+            shape = sharder.apply(action, modules)
+            if shape is not None:
+                local_shapes[name] = shape
+    state = TPState(groups, actions, source, dims, sharder.hooks)
+    model.autotp_state = state
+    if groups.tp_size > 1:
+        _localise_attention(model, actions, dims, groups.tp_size, state.hooks)
+    if verbose and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        logger.info("autotp plan (%s, tp=%d, rank 0 shapes):\n%s", source, groups.tp_size,
+                    format_plan(actions, local_shapes))
+    return model

@@ -1,0 +1,80 @@
+"""Run a function in `world_size` real processes over gloo (CPU) and collect each rank's return value.
+
+Public tests call `run_distributed(world_size, fn, *args)`; `fn(rank, world_size, *args)` runs in each
+process with torch.distributed initialised. An exception on any rank fails the test with that rank's
+traceback; a rank that hangs is killed after `timeout_s`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank, world_size, port, fn, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # report every failure to the parent, including assertion errors
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(world_size: int, fn, *args, timeout_s: float = 300.0) -> list:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for proc in procs:
+        proc.start()
+    import queue as queue_module
+    import time
+
+    results, errors, reported = [None] * world_size, [], set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(reported) < world_size:
+            try:
+                rank, status, payload = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in reported and p.exitcode not in (None, 0)]
+                if dead:
+                    errors.append(f"ranks {dead} died without reporting (exit codes "
+                                  f"{[procs[r].exitcode for r in dead]})")
+                    break
+                if time.monotonic() > deadline:
+                    errors.append(f"timed out after {timeout_s}s; ranks {sorted(set(range(world_size)) - reported)} "
+                                  "never finished (a hang)")
+                    break
+                continue
+            reported.add(rank)
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    if errors:
+        raise AssertionError("distributed test failed:\n" + "\n".join(errors))
+    return results
