@@ -147,10 +147,11 @@ def parse_layer_spec(raw: Any, path: str) -> LayerSpec:
     if shape is not None:
         dim = spec.effective_partition_dim()
         if dim >= len(shape):
-            _fail(f"{path}.partition_dim", dim, f"is out of range for shape {list(shape)} of length {len(shape)}")
+            _fail(f"{path}.partition_dim", dim, f"is out of range for shape {raw['shape']} of length {len(shape)}")
         nested = [i for i, entry in enumerate(shape) if isinstance(entry, tuple)]
         if nested and nested != [dim]:
-            _fail(f"{path}.shape", list(shape), f"a nested size list is only allowed at partition_dim {dim}")
+            # The value as the user wrote it (lists), not the normalised tuples.
+            _fail(f"{path}.shape", raw["shape"], f"a nested size list is only allowed at partition_dim {dim}")
     if spec.gather_output and ptype != "column":
         _fail(f"{path}.gather_output", True, "only applies to partition_type 'column'")
     if spec.grad_allreduce and ptype != "skip":

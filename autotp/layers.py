@@ -156,13 +156,23 @@ class TPExpertsMixin:
 
     Each rank computes every routed expert on its slice of the intermediate features, so the output is a
     partial sum. forward: copy hidden states in, all-reduce the output; backward: all-reduce the input grad.
-    Router inputs (indices, weights) are replicated and pass through untouched.
+    Router indices pass through untouched; router weights are floating inputs and are copied in like the
+    hidden states.
     """
 
     autotp_group = None
 
     def forward(self, hidden_states, *args, **kwargs):
-        hidden_states = comm.copy_to_tp(hidden_states, self.autotp_group)
+        # Every floating input (hidden states and the router's top-k weights) feeds a partial sum on each
+        # rank, so its gradient is partial too: copy in (all-reduce in backward).
+        def copy_in(value):
+            if torch.is_tensor(value) and value.is_floating_point():
+                return comm.copy_to_tp(value, self.autotp_group)
+            return value
+
+        hidden_states = copy_in(hidden_states)
+        args = tuple(copy_in(a) for a in args)
+        kwargs = {k: copy_in(v) for k, v in kwargs.items()}
         out_partial = super().forward(hidden_states, *args, **kwargs)
         return comm.reduce_from_tp(out_partial, self.autotp_group)
 

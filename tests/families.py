@@ -28,7 +28,7 @@ FAMILIES = {
     "gpt_neox": {"num_key_value_heads": None, "rotary_pct": 0.5},
     "gpt2": {"n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 64, "num_key_value_heads": None},
     "opt": {"ffn_dim": 96, "word_embed_proj_dim": 64, "num_key_value_heads": None},
-    "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2, "num_key_value_heads": None, "alibi": False},
+    "falcon": {"new_decoder_architecture": True, "num_kv_heads": 4, "num_key_value_heads": None, "alibi": False},
     "bloom": {"n_embed": 64, "n_head": 4, "n_layer": 2, "num_key_value_heads": None},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48, "head_dim": 16,
