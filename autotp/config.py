@@ -38,10 +38,13 @@ def _fail(key: str, value: Any, why: str) -> None:
     raise ConfigError(f"config key '{key}' = {value!r}: {why}")
 
 
-def _get_int(d: dict, key: str, path: str, default=None, minimum: int = 1) -> Optional[int]:
+def _get_int(d: dict, key: str, path: str, default=None, minimum: int = 1,
+             integral_float: bool = False) -> Optional[int]:
     value = d.get(key, default)
     if value is None:
         return None
+    if integral_float and isinstance(value, float) and value.is_integer():
+        value = int(value)  # DeepSpeed configs write sizes as 5e8, which JSON loads as a float
     if isinstance(value, bool) or not isinstance(value, int):
         _fail(f"{path}{key}", value, "must be an integer")
     if value < minimum:
@@ -341,7 +344,7 @@ def parse_config(config: Any, world_size: int) -> AutoTPConfig:
     if stage != 0:
         _fail("zero_optimization.stage", stage, "this autotp build implements ZeRO stage 0 only; stages 1 and 2 "
                                                  "(optimizer/gradient partitioning) are not available yet")
-    bucket = _get_int(zero, "reduce_bucket_size", "zero_optimization.", 500_000_000)
+    bucket = _get_int(zero, "reduce_bucket_size", "zero_optimization.", 500_000_000, integral_float=True)
 
     optimizer = _parse_named_section(d, "optimizer", ("Adam", "AdamW", "SGD"))
     scheduler = _parse_named_section(d, "scheduler", SCHEDULER_TYPES)

@@ -1,7 +1,8 @@
 """Optimizers and learning-rate schedules from the config's `optimizer` / `scheduler` sections.
 
 Schedules follow DeepSpeed's definitions of WarmupLR, WarmupDecayLR and WarmupCosineLR (the formulas, in
-our own code), so a config tuned under DeepSpeed gives the same learning rate at every step.
+our own code). Scheduler step k gives the formula at k (torch convention); DeepSpeed applies it one
+optimizer step later during warm-up.
 """
 
 from __future__ import annotations

@@ -135,7 +135,10 @@ def rules_from_layer_specs(specs: list[LayerSpec]) -> list[Rule]:
         options: dict[str, Any] = {}
         if spec.shape is not None:
             options["shape"] = spec.shape
-        if spec.partition_dim is not None:
+            # DeepSpeed reads `shape` at the spec's effective dim (0 column, 1 row), the dim config.py validated
+            # the nesting at; the plan's own default would pick 0 for a reshaped row weight.
+            options["partition_dim"] = spec.effective_partition_dim()
+        elif spec.partition_dim is not None:
             options["partition_dim"] = spec.partition_dim
         if spec.gather_output:
             options["gather_output"] = True

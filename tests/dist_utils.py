@@ -7,6 +7,7 @@ traceback; a rank that hangs is killed after `timeout_s`.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -30,7 +31,10 @@ def _entry(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Serialise here: tensors sent through the queue as-is would share memory with a process that exits.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report every failure to the parent, including assertion errors
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -67,7 +71,9 @@ def run_distributed(world_size: int, fn, *args, timeout_s: float = 300.0) -> lis
                 continue
             reported.add(rank)
             if status == "ok":
-                results[rank] = payload
+                import torch
+
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
     finally:

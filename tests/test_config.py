@@ -154,6 +154,17 @@ def test_accepted_values_parse():
     assert (qkv.shape, qkv.effective_partition_dim(), qkv.model_types) == (((64, 32, 32), -1), 0, ["phi3"])
 
 
+@pytest.mark.parametrize("value, expected", [(5e8, 500_000_000), (2 ** 20, 2 ** 20)])
+def test_reduce_bucket_size_accepts_deepspeed_float_notation(value, expected):
+    config = {**_BASE, "zero_optimization": {"stage": 0, "reduce_bucket_size": value}}
+    assert parse_config(config, 1).reduce_bucket_size == expected
+
+
+def test_reduce_bucket_size_fraction_fails():
+    config = {**_BASE, "zero_optimization": {"reduce_bucket_size": 2.5}}
+    assert _named("zero_optimization.reduce_bucket_size", 2.5) in _raises(config)
+
+
 def test_tp_size_alias():
     assert parse_config({**_BASE, "tensor_parallel": {"tp_size": 2}}, 2).tensor_parallel.autotp_size == 2
 

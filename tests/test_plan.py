@@ -186,6 +186,18 @@ def test_row_spec_splits_input_features():
     assert (action[target.name].weight_dim, _blocks(action[target.name])) == (1, [(96, 2, 1)])
 
 
+def test_reshaped_row_spec_splits_at_its_partition_dim():
+    # DeepSpeed's default partition_dim for row is 1 whatever the shape's length: [64, [48, 48], -1] views the
+    # [64, 96] weight as [64, 96, 1] and splits the two 48-wide input halves, as config.py validated.
+    target = Target("layers.0.mlp.down", "linear", (64, 96), True)
+    rules = _spec_rules({"patterns": [".*down"], "partition_type": "row", "shape": [64, [48, 48], -1]})
+    action = resolve_plan([target], rules, ModelDims(), 2)[target.name]
+    assert (action.weight_dim, action.layout.dim, _blocks(action)) == (1, 1, [(48, 2, 1), (48, 2, 1)])
+    full = torch.randn(64, 96)
+    shard = shard_tensor(full, action.layout, 1)
+    assert torch.equal(shard, torch.cat([full[:, 24:48], full[:, 72:96]], dim=1))
+
+
 def test_layer_spec_patterns_use_re_match_from_the_start():
     target = Target("layers.0.attn.o_proj", "linear", (64, 64), True)
     unanchored = _spec_rules({"patterns": ["o_proj"], "partition_type": "row"})
