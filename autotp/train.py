@@ -98,7 +98,8 @@ def build_config(parser, args) -> dict:
             config["tensor_parallel"] = {**(config.get("tensor_parallel") or {}), "autotp_size": args.tp}
         parse_config(config, args.nproc)
     except ConfigError as err:
-        parser.error(f"--config {args.config or '(defaults)'}: {err}")
+        given = [f"--config {args.config}" if args.config else "", f"--tp {args.tp}" if args.tp else ""]
+        parser.error(f"{' and '.join(g for g in given if g) or 'built-in config'}: {err}")
     return config
 
 
@@ -207,6 +208,7 @@ def train(args) -> None:
         print(f"sample: {sample!r}")
         print(f"model:  {model_dir}  (AutoModelForCausalLM.from_pretrained; input ids are UTF-8 bytes)")
         print(f"curve:  {os.path.join(args.output, 'loss.png')}, {os.path.join(args.output, 'losses.csv')}")
+    dist.barrier()  # a rank that tears gloo down while rank 0 still writes can abort (SIGABRT)
     dist.destroy_process_group()
 
 

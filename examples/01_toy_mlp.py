@@ -48,4 +48,5 @@ y_sharded.square().sum().backward()
 print(f"rank {rank}/{world}: up.weight {tuple(sharded.up.weight.shape)} of {tuple(dense.up.weight.shape)}, "
       f"down.weight {tuple(sharded.down.weight.shape)}; output matches the dense MLP "
       f"(max |diff| {(y_sharded - y_dense).abs().max().item():.1e})")
+dist.barrier()  # a rank that tears gloo down while a peer still works can abort (SIGABRT)
 dist.destroy_process_group()

@@ -45,4 +45,5 @@ for step in range(20):
     if step % 5 == 0 or step == 19:
         print(f"rank {dist.get_rank()} (tp_rank {engine.tp_rank}/{engine.tp_world_size}, dp_rank "
               f"{engine.dp_rank}/{engine.dp_world_size}) step {step:2d}: loss {loss.item():.4f}", flush=True)
+dist.barrier()  # a rank that tears gloo down while a peer still works can abort (SIGABRT)
 dist.destroy_process_group()

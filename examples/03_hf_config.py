@@ -67,4 +67,5 @@ if dist.get_rank() == 0:
     torch.testing.assert_close(tp_logits, dense_logits, rtol=tolerance, atol=tolerance)
     print(f"saved to {save_dir}; reloaded without autotp, logits match the TP model "
           f"(max |diff| {(tp_logits - dense_logits).abs().max().item():.1e})")
+dist.barrier()  # a rank that tears gloo down while a peer still works can abort (SIGABRT)
 dist.destroy_process_group()
