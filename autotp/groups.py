@@ -131,6 +131,9 @@ def groups_from_tp_group(tp_group) -> ParallelGroups:
     tp_size = dist.get_world_size(tp_group)
     built = build_groups(tp_size)
     if sorted(dist.get_process_group_ranks(tp_group)) != sorted(dist.get_process_group_ranks(built.tp_group)):
-        # A custom TP layout: keep the caller's TP group and leave DP as the identity group of one rank.
-        return ParallelGroups(tp_group, None, tp_size, dist.get_rank(tp_group), 1, 0)
+        if tp_size == dist.get_world_size():
+            return ParallelGroups(tp_group, None, tp_size, dist.get_rank(tp_group), 1, 0)
+        # Its DP partners are unknown from one group alone; an mpu or a DeviceMesh names both.
+        raise ConfigError(f"tp_group with ranks {dist.get_process_group_ranks(tp_group)} is not a block of "
+                          f"consecutive ranks; pass mpu= or device_mesh= so autotp knows the DP groups too")
     return ParallelGroups(tp_group, built.dp_group, tp_size, dist.get_rank(tp_group), built.dp_size, built.dp_rank)
