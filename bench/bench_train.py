@@ -1,0 +1,160 @@
+"""Training throughput on a random-init Llama-3-8B-shaped model (fewer layers), one provider per run.
+
+    torchrun --standalone --nproc_per_node=2 bench/bench_train.py --provider autotp --tp 2 --zero 0
+    python bench/bench_train.py --provider single
+
+Providers: autotp (autotp.initialize, bf16 + fp32 master weights + clipping, ZeRO's recipe), deepspeed
+(DeepSpeed AutoTP, same recipe; needs deepspeed installed), dtensor (PyTorch parallelize_module, bf16 AdamW
+updating bf16 weights, no clipping), single (one GPU, no TP, bf16 AdamW, clipping). Reports the median step time
+after warm-up, tokens/s/GPU, MFU (6*N + attention FLOPs per token over 989 TFLOP/s dense bf16), peak memory and
+the first losses, and appends one CSV row with GPU, world size, versions and date to bench/results/train.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+H200_BF16_TFLOPS = 989e12
+
+
+def build_model(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                         num_hidden_layers=layers, vocab_size=128256, max_position_embeddings=8192)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(torch.bfloat16), config
+
+
+def setup(args, model):
+    """(forward, backward, step, world, rank, dp) for the chosen provider."""
+    if args.provider == "single":
+        model = model.cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return (lambda ids: model(input_ids=ids, labels=ids).loss), (lambda loss: loss.backward()), step, 1, 0, 1
+    config = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": args.zero}, "bf16": {"enabled": True},
+              "tensor_parallel": {"autotp_size": args.tp}, "gradient_clipping": 1.0, "steps_per_print": 10 ** 9}
+    if args.provider == "autotp":
+        import autotp
+
+        autotp.init_distributed()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        engine, _, _, _ = autotp.initialize(model=model, optimizer=opt, config=config)
+        dp = engine.dp_world_size
+    elif args.provider == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        dp = dist.get_world_size() // args.tp
+    else:  # dtensor: pure TP over all ranks
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        mesh = init_device_mesh("cuda", (dist.get_world_size(),), mesh_dim_names=("tp",))
+        model = model.cuda()
+        plan = {f"self_attn.{p}_proj": ColwiseParallel() for p in "qkv"}
+        plan.update({"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
+                     "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
+        for layer in model.model.layers:
+            parallelize_module(layer, mesh, plan)
+        parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)
+
+        def step():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return ((lambda ids: model(input_ids=ids, labels=ids).loss), (lambda loss: loss.backward()), step,
+                dist.get_world_size(), dist.get_rank(), 1)
+    return ((lambda ids: engine(input_ids=ids, labels=ids).loss), engine.backward, engine.step,
+            dist.get_world_size(), dist.get_rank(), dp)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--provider", choices=["autotp", "deepspeed", "dtensor", "single"], default="autotp")
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--zero", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.csv"))
+    args = parser.parse_args()
+
+    model, config = build_model(args.layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    forward, backward, step, world, rank, dp = setup(args, model)
+    gen = torch.Generator().manual_seed(1234)  # same batch on every rank of a TP group
+    times, losses = [], []
+    for _ in range(args.steps):
+        ids = torch.randint(0, config.vocab_size, (args.micro_batch * dp, args.seq), generator=gen)
+        dp_rank = rank // args.tp if args.provider in ("autotp", "deepspeed") else 0
+        ids = ids[dp_rank * args.micro_batch:(dp_rank + 1) * args.micro_batch].cuda()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = forward(ids)
+        backward(loss)
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss.detach().float()))
+    steady = sorted(times[args.warmup:])
+    median = steady[len(steady) // 2]
+    tokens_per_gpu = args.micro_batch * args.seq * dp / median / world
+    flops_per_token = 6 * n_params + 12 * args.layers * config.hidden_size * args.seq
+    row = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), world=world,
+               provider=args.provider, tp=args.tp if args.provider != "single" else 1, dp=dp, zero=args.zero,
+               layers=args.layers, seq=args.seq, micro_batch=args.micro_batch, params=n_params,
+               step_s=round(median, 4), tokens_per_s_per_gpu=round(tokens_per_gpu),
+               mfu=round(tokens_per_gpu * flops_per_token / H200_BF16_TFLOPS, 4),
+               peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
+               first_losses=" ".join(f"{x:.4f}" for x in losses[:3]), torch=torch.__version__,
+               transformers=__import__("transformers").__version__, triton=_version("triton"),
+               deepspeed=_version("deepspeed"))
+    if rank == 0:
+        print("RESULT " + json.dumps(row), flush=True)
+        os.makedirs(os.path.dirname(args.csv), exist_ok=True)
+        new = not os.path.exists(args.csv)
+        with open(args.csv, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _version(name: str) -> str:
+    try:
+        return __import__(name).__version__
+    except ImportError:
+        return ""
+
+
+if __name__ == "__main__":
+    main()
