@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .config import ConfigError, LayerSpec, PartitionConfig
+from .config import LayerSpec, PartitionConfig
 from .presets import PRESET_ALIASES, PRESETS
-from .shard import Block, ShardLayout, split_sizes
+from .shard import Block, ShardLayout
 
 __all__ = ["PRESETS", "Target", "Rule", "Action", "ModelDims", "PlanError", "resolve_plan", "build_rules",
            "rules_from_tp_plan", "model_dims", "format_plan"]
@@ -334,13 +334,10 @@ def _blocks_for(target: Target, rule: Rule, dims: ModelDims, tp: int, where: str
     for size in logical:
         numel *= size
     entry = shape[dim]
+    sizes, total = None, None
     if isinstance(entry, tuple):
         sizes = [_symbol(v, dims, where) for v in entry]
         total = sum(sizes)
-    elif entry == -1:
-        sizes, total = None, None
-    else:
-        sizes, total = None, None
     view = []
     unknown = []
     for index, value in enumerate(shape):
@@ -495,6 +492,3 @@ def format_plan(actions: dict[str, Action], local_shapes: dict[str, tuple]) -> s
                      f"{action.source}{' ' + ' '.join(extra) if extra else ''}")
     return "\n".join(lines)
 
-
-def uneven_sizes(total: int, tp: int) -> list[int]:
-    return split_sizes(total, tp, 1)

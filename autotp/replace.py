@@ -8,7 +8,6 @@ full tensor back under the original name. Parameter names never change: a swappe
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -20,10 +19,10 @@ from .config import PartitionConfig, parse_partition_config
 from .groups import ParallelGroups, build_groups, groups_from_mesh, groups_from_tp_group
 from .layers import (ColumnParallelEmbeddingMixin, ColumnParallelLinear, RowParallelLinear, TPExpertsMixin,
                      VocabParallelEmbeddingMixin, mix_into)
-from .plan import (Action, ModelDims, PlanError, Rule, Target, build_rules, format_plan, model_dims, resolve_plan,
+from .plan import (Action, ModelDims, PlanError, Target, build_rules, format_plan, model_dims, resolve_plan,
                    rules_from_tp_plan)
 from .presets import ATTENTION_ATTRIBUTES, FAMILY_OPTIONS, PRESETS
-from .shard import Block, ShardLayout, shard_tensor
+from .shard import ShardLayout, shard_tensor
 
 logger = logging.getLogger("autotp")
 

@@ -6,7 +6,6 @@ Sizes: 4 query heads, 2 KV heads (so TP=4 exercises KV replication), head_dim 16
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM

@@ -24,15 +24,16 @@ PRESET_OF = {"gemma3_text": "gemma3"}
 LR = 0.1
 
 
-def _compare_family(family: str, mode: str, tp: int) -> dict:
+def _compare_family(family: str, mode: str, tp: int, device: str = "cpu") -> dict:
+    """Dense vs TP on `device` (tests/gpu/nccl_core_check.py runs it on CUDA); results on global rank 0."""
     import autotp
 
-    dense = tiny_model(family).eval()
+    dense = tiny_model(family).eval().to(device)
     model = copy.deepcopy(dense)
     preset = PRESET_OF.get(family, family) if mode == "preset" else None
     autotp.parallelize(model, tp_size=tp, preset_model=preset, verbose=False)
     source = model.autotp_state.plan_source
-    ids = batch()
+    ids = batch().to(device)
     loss_dense = dense(input_ids=ids, labels=ids).loss
     loss_tp = model(input_ids=ids, labels=ids).loss
     loss_dense.backward()
@@ -49,7 +50,7 @@ def _compare_family(family: str, mode: str, tp: int) -> dict:
         assert set(full) == set(reference), set(full) ^ set(reference)
         worst_name, worst = None, 0.0
         for name, expected in reference.items():
-            got = full[name]
+            got = full[name].to(expected.device)
             assert got.shape == expected.shape, (name, got.shape, expected.shape)
             # Elementwise rtol 1e-5 plus atol 1e-6: zero-initialised biases whose true gradient is zero (a key
             # bias under softmax's shift invariance) hold only rounding noise (~1e-9) after the step.

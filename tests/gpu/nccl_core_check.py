@@ -7,7 +7,6 @@ rounding argument as tests/test_families.py, with TF32 off), and the consolidate
 step equals the dense model's; then a bf16 engine run trains. Prints one line per case and 'ALL OK'.
 """
 
-import copy
 import os
 import sys
 
@@ -17,33 +16,22 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import autotp  # noqa: E402
 from families import batch, tiny_model  # noqa: E402
+from test_families import _compare_family  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 
 def check_family(family, tp, device):
-    dense = tiny_model(family).eval().to(device)
-    model = copy.deepcopy(dense)
-    autotp.parallelize(model, tp_size=tp, verbose=False)
-    ids = batch().to(device)
-    loss_dense = dense(input_ids=ids, labels=ids).loss
-    loss_tp = model(input_ids=ids, labels=ids).loss
-    loss_dense.backward()
-    loss_tp.backward()
-    with torch.no_grad():
-        for module in (dense, model):
-            for p in module.parameters():
-                if p.grad is not None:
-                    p.sub_(0.1 * p.grad)
-    full = autotp.consolidated_state_dict(model)
-    if dist.get_rank() == 0:
-        excess = max(float(((full[k].to(device) - v).abs() - 1e-5 * v.abs()).max()) for k, v in dense.state_dict().items())
-        ok = abs(float(loss_tp) - float(loss_dense)) <= 1e-5 * abs(float(loss_dense)) and excess <= 1e-6
-        print(f"{family:<12} tp={tp} source={model.autotp_state.plan_source:<14} loss dense={float(loss_dense):.6f} "
-              f"tp={float(loss_tp):.6f} param excess={excess:.2e} {'OK' if ok else 'FAIL'}", flush=True)
-        return ok
-    return True
+    result = _compare_family(family, "tp_plan", tp, device)  # the model's own plan, else its preset
+    if dist.get_rank() != 0:
+        return True
+    ok = (abs(result["loss_tp"] - result["loss_dense"]) <= 1e-5 * abs(result["loss_dense"])
+          and result["worst_excess"] <= 1.0)
+    print(f"{family:<12} tp={tp} source={result['source']:<14} loss dense={result['loss_dense']:.6f} "
+          f"tp={result['loss_tp']:.6f} param excess={result['worst_excess'] * 1e-6:.2e} {'OK' if ok else 'FAIL'}",
+          flush=True)
+    return ok
 
 
 def main():
