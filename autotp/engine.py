@@ -1,11 +1,14 @@
-"""`initialize()` and the training `Engine` (ZeRO stage 0: replicated optimizer, DP all-reduce of gradients).
+"""`initialize()` and the training `Engine`.
 
-Step anatomy at a gradient-accumulation boundary:
-  1. bucketed all-reduce (mean) of gradients over the DP group only; TP ranks hold different shards;
+The engine owns the step; where gradients and optimizer state live is the ZeRO store's business
+(`zero/replicated.py` for stage 0, `zero/partitioned.py` for stages 1 and 2). Step anatomy at a
+gradient-accumulation boundary:
+  1. the store finishes the DP reduction (stage 0: bucketed all-reduce; 1/2: the reduce-scatters launched
+     during backward) over the DP group only, since TP ranks hold different shards;
   2. fp16: overflow check over every rank (DP x TP) so all skip together; unscale;
   3. global L2 norm over DP x TP: a TP-sharded tensor counts once per distinct shard (replicated KV pieces
      once), a replicated tensor once (from TP rank 0); clip by it;
-  4. optimizer step on fp32 master weights (bf16/fp16) or the parameters themselves (fp32); copy back.
+  4. optimizer step on fp32 master weights (or fp32 parameters); the store copies or all-gathers them back.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from .groups import ParallelGroups, build_groups, groups_from_mesh, groups_from_
 from .loss_scaler import LossScaler
 from .optim import build_optimizer, build_scheduler
 from .replace import parallelize
+from .zero.partitioned import PartitionedState
+from .zero.replicated import ReplicatedState
 
 logger = logging.getLogger("autotp")
 
@@ -60,37 +65,11 @@ def _batch_fingerprint(args, kwargs) -> torch.Tensor:
     return torch.tensor([count, total, weighted], dtype=torch.float64)
 
 
-def _sumsq_counted_once(grad: torch.Tensor, param: nn.Parameter, tp_rank: int) -> torch.Tensor:
-    """Squared L2 norm of this rank's share, so that summing over TP counts every distinct value once."""
-    layout = getattr(param, "autotp_layout", None)
-    g = grad.detach().float()
-    if layout is None:
-        return g.pow(2).sum() if tp_rank == 0 else g.new_zeros(())
-    if all(block.pieces == layout.tp_size for block in layout.blocks):
-        return g.pow(2).sum()
-    # Replicated KV pieces: each of the `tp // pieces` holders counts 1/holders of its piece.
-    shard_view = g.reshape(_local_view_shape(layout, g.shape, tp_rank))
-    total, cursor = g.new_zeros(()), 0
-    for block, (_, length) in zip(layout.blocks, layout.local_ranges(tp_rank)):
-        piece = shard_view.narrow(layout.dim, cursor, length)
-        total = total + piece.pow(2).sum() * (block.pieces / layout.tp_size)
-        cursor += length
-    return total
-
-
-def _local_view_shape(layout, shape, rank):
-    if layout.view is None:
-        return shape
-    view = list(layout.view)
-    view[layout.dim] = layout.local_size(rank)
-    return view
-
-
 class Engine:
     """What `initialize` returns first: call it like the model, then `backward(loss)` and `step()`."""
 
     def __init__(self, model: nn.Module, optimizer, lr_scheduler, config: AutoTPConfig, groups: ParallelGroups,
-                 master_params: Optional[list], device: torch.device, fp16_section: dict):
+                 store, device: torch.device, fp16_section: dict):
         self.module = model
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -102,9 +81,8 @@ class Engine:
         self.skipped_steps = 0
         self._global_grad_norm: Optional[float] = None
         self._batch_checked = False
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        # Mixed precision: model params are bf16/fp16; the optimizer owns fp32 masters (same order).
-        self.master_params = master_params
+        self.store = store
+        self.params = store.params
         self.loss_scaler = LossScaler.from_config(fp16_section) if config.fp16 else None
 
     # ---- model-like surface --------------------------------------------------------------------------
@@ -188,57 +166,15 @@ class Engine:
         scaled = loss / self.config.gradient_accumulation_steps
         if self.loss_scaler is not None:
             scaled = scaled * self.loss_scaler.scale
+        self.store.begin_backward(reduce_now=self.is_gradient_accumulation_boundary())
         scaled.backward(retain_graph=retain_graph)
-        if self.master_params is not None:
-            # Accumulate in fp32 on the masters; the half-precision grads are freed each micro-step.
-            for param, master in zip(self.params, self.master_params):
-                if param.grad is None:
-                    continue
-                if master.grad is None:
-                    master.grad = param.grad.float()
-                else:
-                    master.grad.add_(param.grad.float())
-                param.grad = None
+        self.store.end_backward()
         return loss
 
-    def _grad_params(self) -> list[nn.Parameter]:
-        return self.master_params if self.master_params is not None else self.params
-
-    def _allreduce_dp(self, params) -> None:
-        """Mean of gradients over DP in flat buckets of `reduce_bucket_size` elements per dtype."""
-        if self.groups.dp_size == 1:
-            return
-        buckets: dict = {}
-        for param in params:
-            grad = param.grad
-            if grad is None:  # unused on this rank: contribute zeros so every rank sends the same bucket
-                grad = param.grad = torch.zeros_like(param)
-            buckets.setdefault(grad.dtype, []).append(grad)
-        limit = self.config.reduce_bucket_size
-        for grads in buckets.values():
-            start = 0
-            while start < len(grads):
-                end, numel = start, 0
-                while end < len(grads) and (end == start or numel + grads[end].numel() <= limit):
-                    numel += grads[end].numel()
-                    end += 1
-                chunk = grads[start:end]
-                flat = torch.cat([g.reshape(-1) for g in chunk])
-                dist.all_reduce(flat, group=self.groups.dp_group)
-                flat.div_(self.groups.dp_size)
-                offset = 0
-                for g in chunk:
-                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                    offset += g.numel()
-                start = end
-
-    def _global_norm(self, params) -> float:
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        owners = self.params  # layouts live on the model params; masters follow the same order
-        for owner, param in zip(owners, params):
-            if param.grad is not None:
-                total = total + _sumsq_counted_once(param.grad, owner, self.groups.tp_rank)
-        comm.all_reduce_raw(total, self.groups.tp_group)
+    def _global_norm(self) -> float:
+        total = self.store.sumsq()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)  # every rank's share, DP x TP: each distinct value counted once
         return float(total.sqrt().item())
 
     def step(self) -> None:
@@ -246,17 +182,16 @@ class Engine:
         self.micro_steps += 1
         if not boundary:
             return
-        params = self._grad_params()
-        self._allreduce_dp(params)
+        self.store.reduce()
+        grads = self.store.grads()
         overflow = False
         if self.loss_scaler is not None:
-            local_bad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params)
+            local_bad = any(not torch.isfinite(g).all() for g in grads)
             overflow = _any_rank(local_bad, self.device)
             if not overflow:
                 inv = 1.0 / self.loss_scaler.scale
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(inv)
+                for g in grads:
+                    g.mul_(inv)
             self.loss_scaler.update(overflow)
         if overflow:
             self.skipped_steps += 1
@@ -264,26 +199,19 @@ class Engine:
             logger.warning("autotp: fp16 overflow at step %d, skipped; loss scale now %g", self.global_steps,
                            self.loss_scaler.scale)
         else:
-            norm = self._global_norm(params)
+            norm = self._global_norm()
             self._global_grad_norm = norm
             clip = self.config.gradient_clipping
             if clip > 0 and math.isfinite(norm):
                 coef = clip / (norm + 1e-6)
                 if coef < 1.0:
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad.mul_(coef)
+                    for g in grads:
+                        g.mul_(coef)
             self.optimizer.step()
-            if self.master_params is not None:
-                with torch.no_grad():
-                    for param, master in zip(self.params, self.master_params):
-                        param.copy_(master)
+            self.store.after_step()
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
-        for p in params:
-            p.grad = None
-        for p in self.params:
-            p.grad = None
+        self.store.zero_grad()
         self.global_steps += 1
         if self.config.steps_per_print and self.global_steps % self.config.steps_per_print == 0 and (
                 not dist.is_initialized() or dist.get_rank() == 0):
@@ -291,8 +219,7 @@ class Engine:
                         self._global_grad_norm)
 
     def zero_grad(self) -> None:
-        for p in list(self.params) + list(self.master_params or []):
-            p.grad = None
+        self.store.zero_grad()
 
     # ---- saving ---------------------------------------------------------------------------------------
     def consolidated_state_dict(self) -> Optional[dict]:
@@ -364,22 +291,15 @@ def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=N
         model.to(dtype)
     _broadcast_parameters(model, groups)
 
-    # Map unsharded parameter ids to what the optimizer must now update.
+    # Map unsharded parameter ids to the sharded parameters; the ZeRO store then swaps in what it updates.
     after = dict(model.named_parameters())
-    params = [p for p in model.parameters() if p.requires_grad]
-    master_params = None
-    if dtype is not None:
-        master_params = [nn.Parameter(p.detach().float().clone()) for p in params]
-        for p, m in zip(params, master_params):
-            for attr in ("autotp_layout", "autotp_full_shape"):
-                if hasattr(p, attr):
-                    setattr(m, attr, getattr(p, attr))
-    target_of = {id(p): (m if master_params is not None else p)
-                 for p, m in zip(params, master_params or params)}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    trainable = {id(p) for p in params}
     mapping = {}
     for pid, name in names_before.items():
-        if name in after and id(after[name]) in target_of:
-            mapping[pid] = target_of[id(after[name])]
+        if name in after and id(after[name]) in trainable:
+            mapping[pid] = after[name]
 
     if optimizer is not None and not callable(getattr(optimizer, "step", None)) and callable(optimizer):
         optimizer = optimizer([mapping.get(id(p), p) for p in (model_parameters or original.values())])
@@ -396,16 +316,37 @@ def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=N
     else:
         raise ConfigError("no optimizer: pass optimizer= to autotp.initialize or set the config key 'optimizer'")
 
+    store = _build_store(cfg, params, [n for n, _ in named], optimizer, groups, device, dtype is not None)
     if lr_scheduler is not None and not hasattr(lr_scheduler, "step") and callable(lr_scheduler):
         lr_scheduler = lr_scheduler(optimizer)
     elif lr_scheduler is None and cfg.scheduler is not None:
         lr_scheduler = build_scheduler(cfg.scheduler, optimizer)
 
-    engine = Engine(model, optimizer, lr_scheduler, cfg, groups, master_params, device, raw.get("fp16") or {})
+    engine = Engine(model, optimizer, lr_scheduler, cfg, groups, store, device, raw.get("fp16") or {})
     dataloader = None
     if training_data is not None:
         dataloader = _build_dataloader(training_data, collate_fn, cfg, groups)
     return engine, optimizer, dataloader, lr_scheduler
+
+
+def _build_store(cfg: AutoTPConfig, params, names, optimizer, groups, device, mixed_precision: bool):
+    """The ZeRO store for `zero_optimization.stage`; a failure on any rank is raised on every rank."""
+    store, error = None, None
+    try:
+        if cfg.zero.stage == 0:
+            store = ReplicatedState(params, names, optimizer, groups, cfg.zero.reduce_bucket_size,
+                                    mixed_precision)
+        else:
+            store = PartitionedState(params, names, optimizer, groups, cfg.zero, cfg.zero.stage,
+                                     cfg.gradient_accumulation_steps, device)
+    except (ConfigError, ValueError) as err:
+        error = err
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else (type(error).__name__, str(error)))
+    first = next((e for e in errors if e), None)
+    if first is not None:
+        raise (ConfigError if first[0] == "ConfigError" else ValueError)(first[1])
+    return store
 
 
 def _broadcast_parameters(model: nn.Module, groups: ParallelGroups) -> None:

@@ -146,7 +146,7 @@ def test_accepted_values_parse():
     }, world_size=4)
     assert (cfg.optimizer.type, cfg.scheduler.type) == ("AdamW", "WarmupCosineLR")  # canonical spelling
     assert cfg.tensor_parallel.preset_model == "llama"
-    assert (cfg.bf16, cfg.fp16, cfg.gradient_clipping, cfg.zero_stage) == (True, False, 1.0, 0)
+    assert (cfg.bf16, cfg.fp16, cfg.gradient_clipping, cfg.zero.stage) == (True, False, 1.0, 0)
     partition = cfg.tensor_parallel.partition_config
     assert (partition.use_default_specs, partition.strict_mode) == (False, True)
     row, qkv = partition.layer_specs
@@ -157,12 +157,37 @@ def test_accepted_values_parse():
 @pytest.mark.parametrize("value, expected", [(5e8, 500_000_000), (2 ** 20, 2 ** 20)])
 def test_reduce_bucket_size_accepts_deepspeed_float_notation(value, expected):
     config = {**_BASE, "zero_optimization": {"stage": 0, "reduce_bucket_size": value}}
-    assert parse_config(config, 1).reduce_bucket_size == expected
+    assert parse_config(config, 1).zero.reduce_bucket_size == expected
 
 
 def test_reduce_bucket_size_fraction_fails():
     config = {**_BASE, "zero_optimization": {"reduce_bucket_size": 2.5}}
     assert _named("zero_optimization.reduce_bucket_size", 2.5) in _raises(config)
+
+
+def test_zero_section_parses():
+    config = {**_BASE, "communication_data_type": "fp32", "zero_optimization": {
+        "stage": 2, "reduce_bucket_size": 2e7, "allgather_bucket_size": 3e7, "overlap_comm": False,
+        "contiguous_gradients": True, "reduce_scatter": True, "comm_backend": "torch"}}
+    zero = parse_config(config, 2).zero
+    assert (zero.stage, zero.reduce_bucket_size, zero.allgather_bucket_size) == (2, 20_000_000, 30_000_000)
+    assert (zero.overlap_comm, zero.comm_backend, zero.communication_data_type) == (False, "torch", "float32")
+
+
+@pytest.mark.parametrize("zero, key, value", [
+    ({"stage": 1, "comm_backend": "mpi"}, "zero_optimization.comm_backend", "mpi"),
+    ({"stage": 2, "contiguous_gradients": False}, "zero_optimization.contiguous_gradients", False),
+    ({"stage": 2, "reduce_scatter": False}, "zero_optimization.reduce_scatter", False),
+    ({"stage": 1, "allgather_bucket_size": 0}, "zero_optimization.allgather_bucket_size", 0),
+    ({"stage": 2, "overlap_comm": "yes"}, "zero_optimization.overlap_comm", "yes"),
+])
+def test_zero_section_errors_name_the_key(zero, key, value):
+    assert _named(key, value) in _raises({**_BASE, "zero_optimization": zero})
+
+
+def test_communication_data_type_error():
+    config = {**_BASE, "communication_data_type": "int8"}
+    assert _named("communication_data_type", "int8") in _raises(config)
 
 
 def test_tp_size_alias():
@@ -173,12 +198,12 @@ def test_tp_size_alias():
 
 _WITH_UNUSED = {
     "train_micro_batch_size_per_gpu": 1, "wall_clock_breakdown": False, "activation_checkpointing": {},
-    "zero_optimization": {"stage": 0, "overlap_comm": True},
+    "zero_optimization": {"stage": 0, "overlap_comm": True, "offload_optimizer": {"device": "none"}},
     "tensor_parallel": {"autotp_size": 1, "tp_grain_size": 64},
     "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
 }
 _UNUSED = ["activation_checkpointing", "wall_clock_breakdown", "tensor_parallel.tp_grain_size",
-           "zero_optimization.overlap_comm"]
+           "zero_optimization.offload_optimizer"]
 
 
 def test_unused_keys_listed():

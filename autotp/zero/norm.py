@@ -1,0 +1,38 @@
+"""Which share of the global gradient norm a rank's gradient elements carry.
+
+The global L2 norm runs over every distinct value of the model once. A TP-sharded tensor is distinct on each TP
+rank and counts fully; a tensor replicated over TP counts on TP rank 0 only; a piece replicated on `k` TP ranks
+(KV heads when num_key_value_heads < tp) counts 1/k on each holder. Summing `weight * grad**2` over the ranks
+of a TP group then gives each value exactly once.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn as nn
+
+
+def count_once_weights(param: nn.Parameter, tp_rank: int) -> Union[float, torch.Tensor]:
+    """A scalar weight for the whole local tensor, or a flat tensor of per-element weights (KV replicas)."""
+    layout = getattr(param, "autotp_layout", None)
+    if layout is None:
+        return 1.0 if tp_rank == 0 else 0.0
+    if all(block.pieces == layout.tp_size for block in layout.blocks):
+        return 1.0
+    shape = list(layout.view) if layout.view is not None else list(param.autotp_full_shape)
+    shape[layout.dim] = layout.local_size(tp_rank)
+    weights = torch.empty(shape, dtype=torch.float32, device=param.device)
+    cursor = 0
+    for block, (_, length) in zip(layout.blocks, layout.local_ranges(tp_rank)):
+        weights.narrow(layout.dim, cursor, length).fill_(block.pieces / layout.tp_size)
+        cursor += length
+    return weights.reshape(-1)
+
+
+def weighted_sumsq(grad: torch.Tensor, weight: Union[float, torch.Tensor]) -> torch.Tensor:
+    g = grad.detach().reshape(-1).float()
+    if isinstance(weight, float):
+        return g.pow(2).sum() * weight
+    return (g.pow(2) * weight).sum()

@@ -1,0 +1,282 @@
+"""ZeRO stages 1 and 2 over the DP group, under tensor parallelism.
+
+Every trainable parameter (a TP shard) lives as a view into a flat bucket of the model dtype; each DP rank owns
+one even slice of every bucket and keeps fp32 master weights, optimizer state and the fp32 gradient for that
+slice only (1/dp of the TP shard, plus padding).
+
+Gradients reach their owner by reduce-scatter of whole buckets. A post-accumulate hook adds each gradient into
+its bucket and frees it; when a bucket is complete it is launched on the comm stream, after the stream that
+produced the gradients, strictly in bucket order (the order is the same on every rank, so no rank can wait on
+a collective another rank has not reached). Stage 2 does this on every micro-step into a transient staging
+buffer and accumulates the result in the fp32 partition gradient; stage 1 accumulates whole gradients across
+micro-steps in a persistent buffer and reduces on the boundary micro-step only. After the optimizer step the
+updated slices come back by all-gather straight into the flat parameter buckets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .backend import make_backend
+from .buckets import Bucket, plan_buckets
+from .norm import count_once_weights, weighted_sumsq
+
+
+class _Streams:
+    """The comm stream and its ordering with the compute stream; plain no-ops on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        # High priority: a ready reduce-scatter should not queue behind backward's GEMMs.
+        self.comm = torch.cuda.Stream(device=device, priority=-1) if self.cuda else None
+
+    def on_comm(self):
+        """Context for work that must follow everything queued so far on the current stream."""
+        if not self.cuda:
+            return contextlib.nullcontext()
+        self.comm.wait_stream(torch.cuda.current_stream())
+        return torch.cuda.stream(self.comm)
+
+    def release_to_comm(self, tensor: torch.Tensor) -> None:
+        """`tensor` (made on the compute stream) is used on the comm stream: free it only after that use."""
+        if self.cuda:
+            tensor.record_stream(self.comm)
+
+    def join(self) -> None:
+        """The current stream waits for every collective launched so far (no host synchronisation)."""
+        if self.cuda:
+            torch.cuda.current_stream().wait_stream(self.comm)
+
+
+class PartitionedState:
+    def __init__(self, params: list[nn.Parameter], names: list[str], optimizer, groups, zero_cfg, stage: int,
+                 gradient_accumulation_steps: int, device: torch.device):
+        self.stage = stage
+        self.params = params
+        self.names = names
+        self.optimizer = optimizer
+        self.groups = groups
+        self.cfg = zero_cfg
+        self.dp, self.dp_rank = groups.dp_size, groups.dp_rank
+        self.device = device
+        self.streams = _Streams(device)
+        self.backend = make_backend(zero_cfg.comm_backend, groups.dp_group) if self.dp > 1 else None
+
+        group_of = {id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        missing = [n for n, p in zip(names, params) if id(p) not in group_of]
+        if missing:
+            raise ValueError(f"autotp ZeRO-{stage}: trainable parameter '{missing[0]}' is in no optimizer param "
+                             "group; pass every parameter with requires_grad=True to the optimizer or freeze it")
+        self.numels = [p.numel() for p in params]
+        self.buckets: list[Bucket] = plan_buckets(
+            self.numels, [(group_of[id(p)], p.dtype) for p in params], zero_cfg.reduce_bucket_size, self.dp)
+        self._where = {}
+        for bucket in self.buckets:
+            for index, offset in zip(bucket.params, bucket.offsets):
+                self._where[index] = (bucket, offset)
+
+        self.flat_params = [self._flatten_bucket(b) for b in self.buckets]
+        self.masters: list[nn.Parameter] = []
+        for bucket, flat in zip(self.buckets, self.flat_params):
+            part = flat[slice(*bucket.partition_range(self.dp_rank))]
+            # fp32 models update the flat parameter slice in place; bf16/fp16 ones keep an fp32 master copy.
+            master = nn.Parameter(part if part.dtype == torch.float32 else part.float().clone())
+            master.grad = torch.zeros_like(master)
+            self.masters.append(master)
+        for index, group in enumerate(optimizer.param_groups):
+            group["params"] = [m for b, m in zip(self.buckets, self.masters) if b.key[0] == index]
+        optimizer.state.clear()
+
+        # Stage 1 accumulates whole gradients over micro-steps: fp32 when there is more than one.
+        model_dtype = params[0].dtype if params else torch.float32
+        self.accum_dtype = torch.float32 if (stage == 1 and gradient_accumulation_steps > 1) else model_dtype
+        wire = zero_cfg.communication_data_type
+        self.wire_dtype = getattr(torch, wire) if wire else self.accum_dtype
+        self._buffers: list[Optional[torch.Tensor]] = [None] * len(self.buckets)
+        self._arrived: list[set] = [set() for _ in self.buckets]
+        self._next_launch = 0
+        self._reduce_now = False
+        self._accumulating = False  # stage 1: buffers hold gradients of a window not yet reduced
+        self._norm_weights = self._partition_norm_weights(groups.tp_rank)
+        self.hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(params)]
+
+    # ---- layout --------------------------------------------------------------------------------------
+    def _flatten_bucket(self, bucket: Bucket) -> torch.Tensor:
+        """One flat tensor holding the bucket's parameters; each parameter becomes a view into it."""
+        first = self.params[bucket.params[0]]
+        flat = torch.zeros(bucket.padded, dtype=first.dtype, device=first.device)
+        with torch.no_grad():
+            for index, offset in zip(bucket.params, bucket.offsets):
+                param = self.params[index]
+                view = flat[offset:offset + param.numel()]
+                view.copy_(param.detach().reshape(-1))
+                param.data = view.view_as(param)
+        return flat
+
+    def _partition_norm_weights(self, tp_rank: int) -> list[list[tuple]]:
+        """Per bucket: (start, length, weight) for each parameter piece in this rank's partition."""
+        out = []
+        for bucket in self.buckets:
+            pieces = []
+            for seg in bucket.segments(self.dp_rank, self.numels):
+                weight = count_once_weights(self.params[seg.param], tp_rank)
+                if not isinstance(weight, float):
+                    weight = weight[seg.param_start:seg.param_start + seg.length]
+                pieces.append((seg.partition_start, seg.length, weight))
+            out.append(pieces)
+        return out
+
+    # ---- backward ------------------------------------------------------------------------------------
+    def begin_backward(self, reduce_now: bool) -> None:
+        """`reduce_now`: this micro-step ends an accumulation window (stage 1) or stage 2 (always)."""
+        self._reduce_now = reduce_now or self.stage == 2
+        self._next_launch = 0
+        for arrived in self._arrived:
+            arrived.clear()
+
+    def _buffer(self, bucket: Bucket) -> torch.Tensor:
+        buffer = self._buffers[bucket.index]
+        if buffer is None:
+            dtype = self.wire_dtype if self.stage == 2 else self.accum_dtype
+            buffer = torch.zeros(bucket.padded, dtype=dtype, device=self.device)
+            self._buffers[bucket.index] = buffer
+        return buffer
+
+    def _hook(self, index: int):
+        def on_grad(param: torch.Tensor) -> None:
+            if param.grad is None:
+                return
+            bucket, offset = self._where[index]
+            arrived = self._arrived[bucket.index]
+            if self._reduce_now and index in arrived and bucket.index < self._next_launch:
+                raise RuntimeError(
+                    f"autotp ZeRO-{self.stage}: parameter '{self.names[index]}' received a second gradient in "
+                    f"one backward after its bucket {bucket.index} was reduced (a parameter reused across "
+                    "reentrant checkpoints?); set zero_optimization.overlap_comm to false")
+            with torch.no_grad():
+                self._buffer(bucket)[offset:offset + param.numel()].add_(param.grad.reshape(-1))
+            param.grad = None
+            self._accumulating = not self._reduce_now
+            if self._reduce_now:
+                arrived.add(index)
+                if self.cfg.overlap_comm:
+                    self._launch_ready()
+
+        return on_grad
+
+    def _launch_ready(self) -> None:
+        while self._next_launch < len(self.buckets):
+            bucket = self.buckets[self._next_launch]
+            if len(self._arrived[bucket.index]) < len(bucket.params):
+                return
+            self._launch(bucket)
+
+    def end_backward(self) -> None:
+        """Launch what is left (buckets with unused parameters, or all of them without overlap_comm)."""
+        if not self._reduce_now:
+            return
+        while self._next_launch < len(self.buckets):
+            self._launch(self.buckets[self._next_launch])
+
+    def _launch(self, bucket: Bucket) -> None:
+        self._next_launch = bucket.index + 1
+        buffer = self._buffer(bucket)
+        grad_part = self.masters[bucket.index].grad
+        if self.stage == 2:
+            self.streams.release_to_comm(buffer)
+            self._buffers[bucket.index] = None  # transient: freed once the collective has read it
+        with self.streams.on_comm():
+            wire = buffer if buffer.dtype == self.wire_dtype else buffer.to(self.wire_dtype)
+            if self.dp == 1:
+                grad_part.add_(wire)
+            elif self.stage == 1 and wire.dtype == torch.float32:
+                self.backend.reduce_scatter(grad_part, wire)  # once per window: write the result in place
+            else:
+                reduced = torch.empty(bucket.partition_numel, dtype=wire.dtype, device=self.device)
+                self.backend.reduce_scatter(reduced, wire)
+                grad_part.add_(reduced)
+            if self.stage == 1:
+                buffer.zero_()  # ready for the next accumulation window
+
+    def reduce(self) -> None:
+        """At the boundary: every bucket's reduction has finished; gradients become the DP mean."""
+        self.streams.join()
+        if self.dp > 1:
+            for master in self.masters:
+                master.grad.mul_(1.0 / self.dp)
+
+    # ---- step ----------------------------------------------------------------------------------------
+    def grads(self) -> list[torch.Tensor]:
+        return [m.grad for m in self.masters]
+
+    def sumsq(self) -> torch.Tensor:
+        """This rank's share of the squared global norm: partitions are disjoint over DP, shards counted once
+        over TP, padding is zero."""
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for master, pieces in zip(self.masters, self._norm_weights):
+            for start, length, weight in pieces:
+                total = total + weighted_sumsq(master.grad[start:start + length], weight)
+        return total
+
+    def after_step(self) -> None:
+        """Write updated master slices into the flat parameters and all-gather them over DP."""
+        with torch.no_grad():
+            for bucket, flat, master in zip(self.buckets, self.flat_params, self.masters):
+                lo, hi = bucket.partition_range(self.dp_rank)
+                if master.data_ptr() != flat[lo:hi].data_ptr():
+                    flat[lo:hi].copy_(master)
+                if self.dp > 1:
+                    self._all_gather(bucket, flat)
+
+    def _all_gather(self, bucket: Bucket, flat: torch.Tensor) -> None:
+        part = bucket.partition_numel
+        lo = self.dp_rank * part
+        if bucket.padded <= self.cfg.allgather_bucket_size:
+            self.backend.all_gather(flat, flat[lo:lo + part])
+            return
+        # Larger than allgather_bucket_size: gather in column pieces of the [dp, part] view.
+        step = max(self.cfg.allgather_bucket_size // self.dp, 1)
+        grid = flat.view(self.dp, part)
+        for start in range(0, part, step):
+            length = min(step, part - start)
+            gathered = torch.empty(self.dp * length, dtype=flat.dtype, device=flat.device)
+            self.backend.all_gather(gathered, flat[lo + start:lo + start + length].clone())
+            grid[:, start:start + length].copy_(gathered.view(self.dp, length))
+
+    def zero_grad(self) -> None:
+        """Drop every gradient, including a stage-1 window accumulated but not reduced yet."""
+        self.streams.join()
+        for master in self.masters:
+            master.grad.zero_()
+        if self.stage == 1 and self._accumulating:
+            for buffer in self._buffers:
+                if buffer is not None:
+                    buffer.zero_()
+        self._accumulating = False
+        for param in self.params:
+            param.grad = None
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def writes_optimizer_file(self) -> bool:
+        return True
+
+    def optimizer_slices(self) -> list[tuple]:
+        """(parameter name, start in its flat shard, length, optimizer tensor, start in that tensor)."""
+        out = []
+        for bucket, master in zip(self.buckets, self.masters):
+            for seg in bucket.segments(self.dp_rank, self.numels):
+                out.append((self.names[seg.param], seg.param_start, seg.length, master, seg.partition_start))
+        return out
+
+    def after_load(self) -> None:
+        self.after_step()
+
+    # ---- introspection -------------------------------------------------------------------------------
+    def padding_numel(self) -> int:
+        """Elements of this rank's partitions that hold no parameter."""
+        return sum(b.partition_numel for b in self.buckets) - sum(
+            seg.length for b in self.buckets for seg in b.segments(self.dp_rank, self.numels))

@@ -1,0 +1,115 @@
+"""ZeRO stage 0: every DP rank holds the whole optimizer state of its TP shard; gradients are all-reduced.
+
+With bf16/fp16 the optimizer updates fp32 master copies and gradients accumulate in fp32 on the masters, one
+`add_` per parameter after each backward (the half-precision gradient is freed right away).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .norm import count_once_weights, weighted_sumsq
+
+
+class ReplicatedState:
+    stage = 0
+
+    def __init__(self, params: list[nn.Parameter], names: list[str], optimizer, groups, bucket_size: int,
+                 mixed_precision: bool):
+        self.params = params
+        self.names = names
+        self.optimizer = optimizer
+        self.groups = groups
+        self.bucket_size = bucket_size
+        self.masters = None
+        if mixed_precision:
+            self.masters = [nn.Parameter(p.detach().float().clone()) for p in params]
+            master_of = {id(p): m for p, m in zip(params, self.masters)}
+            for group in optimizer.param_groups:
+                group["params"] = [master_of.get(id(p), p) for p in group["params"]]
+        self._weights = [count_once_weights(p, groups.tp_rank) for p in params]
+
+    @property
+    def trained(self) -> list[nn.Parameter]:
+        """The tensors the optimizer updates, in the order of `params`."""
+        return self.masters if self.masters is not None else self.params
+
+    # ---- backward ------------------------------------------------------------------------------------
+    def begin_backward(self, reduce_now: bool) -> None:
+        pass
+
+    def end_backward(self) -> None:
+        if self.masters is None:
+            return
+        for param, master in zip(self.params, self.masters):
+            if param.grad is None:
+                continue
+            if master.grad is None:
+                master.grad = param.grad.float()
+            else:
+                master.grad.add_(param.grad.float())
+            param.grad = None
+
+    def reduce(self) -> None:
+        """Mean of gradients over DP in flat buckets of `bucket_size` elements per dtype."""
+        if self.groups.dp_size == 1:
+            return
+        buckets: dict = {}
+        for param in self.trained:
+            if param.grad is None:  # unused on this rank: contribute zeros so every rank sends the same bucket
+                param.grad = torch.zeros_like(param)
+            buckets.setdefault(param.grad.dtype, []).append(param.grad)
+        for grads in buckets.values():
+            start = 0
+            while start < len(grads):
+                end, numel = start, 0
+                while end < len(grads) and (end == start or numel + grads[end].numel() <= self.bucket_size):
+                    numel += grads[end].numel()
+                    end += 1
+                chunk = grads[start:end]
+                flat = torch.cat([g.reshape(-1) for g in chunk])
+                dist.all_reduce(flat, group=self.groups.dp_group)
+                flat.div_(self.groups.dp_size)
+                offset = 0
+                for g in chunk:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+                start = end
+
+    # ---- step ----------------------------------------------------------------------------------------
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.trained if p.grad is not None]
+
+    def sumsq(self) -> torch.Tensor:
+        """This rank's share of the squared global norm; the sum over all ranks is the whole. DP replicas hold
+        the same gradient after the all-reduce, so only DP rank 0 contributes."""
+        total = torch.zeros((), dtype=torch.float32, device=self.params[0].device if self.params else "cpu")
+        if self.groups.dp_rank != 0:
+            return total
+        for param, weight in zip(self.trained, self._weights):
+            if param.grad is not None:
+                total = total + weighted_sumsq(param.grad, weight)
+        return total
+
+    def after_step(self) -> None:
+        if self.masters is not None:
+            with torch.no_grad():
+                for param, master in zip(self.params, self.masters):
+                    param.copy_(master)
+
+    def zero_grad(self) -> None:
+        for p in list(self.params) + list(self.masters or []):
+            p.grad = None
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def writes_optimizer_file(self) -> bool:
+        return self.groups.dp_rank == 0  # DP replicas hold identical state
+
+    def optimizer_slices(self) -> list[tuple]:
+        """(parameter name, start in its flat shard, length, optimizer tensor, start in that tensor's flat)."""
+        return [(name, 0, t.numel(), t, 0) for name, t in zip(self.names, self.trained)]
+
+    def after_load(self) -> None:
+        self.after_step()
