@@ -11,9 +11,10 @@ from .groups import init_distributed
 from .plan import PlanError
 from .presets import PRESETS
 from .replace import parallelize
+from .resume import CheckpointError
 
 __version__ = "0.1.0"
 
 __all__ = ["initialize", "parallelize", "init_distributed", "set_autotp_mode", "tp_model_init", "Engine",
-           "ConfigError", "PlanError", "AutoTPConfig", "parse_config", "consolidated_state_dict",
+           "ConfigError", "PlanError", "CheckpointError", "AutoTPConfig", "parse_config", "consolidated_state_dict",
            "save_pretrained", "PRESETS", "__version__"]

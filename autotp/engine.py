@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import comm
+from . import comm, resume
 from .checkpoint import consolidated_state_dict, save_pretrained
 from .config import AutoTPConfig, ConfigError, load_config_dict, parse_config
 from .groups import ParallelGroups, build_groups, groups_from_mesh, groups_from_mpu, init_distributed
@@ -165,7 +165,8 @@ class Engine:
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
         scaled = loss / self.config.gradient_accumulation_steps
         if self.loss_scaler is not None:
-            scaled = scaled * self.loss_scaler.scale
+            # In fp32, as DeepSpeed does: an fp16 loss times a 2**16 scale would overflow before backward.
+            scaled = scaled.float() * self.loss_scaler.scale
         self.store.begin_backward(reduce_now=self.is_gradient_accumulation_boundary())
         scaled.backward(retain_graph=retain_graph)
         self.store.end_backward()
@@ -227,6 +228,19 @@ class Engine:
 
     def save_pretrained(self, save_dir: str, **kwargs) -> None:
         save_pretrained(self.module, save_dir, **kwargs)
+
+    def save_checkpoint(self, save_dir: str, tag=None, client_state: Optional[dict] = None,
+                        save_latest: bool = True) -> str:
+        """Model shards, optimizer partitions, scheduler, RNG, counters and loss scaler, written atomically
+        (see `autotp/resume.py`). Collective: call on every rank."""
+        return resume.save_checkpoint(self, save_dir, tag, client_state, save_latest)
+
+    def load_checkpoint(self, load_dir: str, tag=None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False):
+        """Returns (path, client_state); loads at any TP x DP layout and ZeRO stage. Collective."""
+        return resume.load_checkpoint(self, load_dir, tag, load_module_strict, load_optimizer_states,
+                                      load_lr_scheduler_states, load_module_only)
 
 
 def _remap_optimizer(optimizer, mapping: dict) -> None:

@@ -275,6 +275,14 @@ class PartitionedState:
     def after_load(self) -> None:
         self.after_step()
 
+    def load_masters_from_model(self) -> None:
+        """After loading weights without optimizer state: masters start from the loaded parameters."""
+        with torch.no_grad():
+            for bucket, flat, master in zip(self.buckets, self.flat_params, self.masters):
+                part = flat[slice(*bucket.partition_range(self.dp_rank))]
+                if master.data_ptr() != part.data_ptr():
+                    master.copy_(part)
+
     # ---- introspection -------------------------------------------------------------------------------
     def padding_numel(self) -> int:
         """Elements of this rank's partitions that hold no parameter."""

@@ -113,3 +113,10 @@ class ReplicatedState:
 
     def after_load(self) -> None:
         self.after_step()
+
+    def load_masters_from_model(self) -> None:
+        """After loading weights without optimizer state: masters start from the loaded parameters."""
+        if self.masters is not None:
+            with torch.no_grad():
+                for param, master in zip(self.params, self.masters):
+                    master.copy_(param)
