@@ -47,8 +47,11 @@ def setup(args, model):
             opt.zero_grad(set_to_none=True)
 
         return (lambda ids: model(input_ids=ids, labels=ids).loss), (lambda loss: loss.backward()), step, 1, 0, 1
+    zero = {"stage": args.zero}
+    if args.reduce_bucket:
+        zero.update(reduce_bucket_size=args.reduce_bucket, allgather_bucket_size=args.reduce_bucket)
     config = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": args.zero}, "bf16": {"enabled": True},
+              "zero_optimization": zero, "bf16": {"enabled": True},
               "tensor_parallel": {"autotp_size": args.tp}, "gradient_clipping": 1.0, "steps_per_print": 10 ** 9}
     if args.provider == "autotp":
         import autotp
@@ -102,6 +105,9 @@ def main():
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reduce-bucket", type=float, default=None,
+                        help="zero_optimization reduce/allgather_bucket_size (default: each provider's own)")
+    parser.add_argument("--losses-csv", default=None, help="also append every step's loss to this CSV")
     parser.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.csv"))
     args = parser.parse_args()
 
@@ -135,6 +141,14 @@ def main():
                first_losses=" ".join(f"{x:.4f}" for x in losses[:3]), torch=torch.__version__,
                transformers=__import__("transformers").__version__, triton=_version("triton"),
                deepspeed=_version("deepspeed"))
+    if rank == 0 and args.losses_csv:
+        new = not os.path.exists(args.losses_csv)
+        with open(args.losses_csv, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(["date", "provider", "tp", "dp", "zero", "step", "loss"])
+            for index, loss in enumerate(losses):
+                writer.writerow([row["date"], args.provider, row["tp"], dp, args.zero, index, f"{loss:.5f}"])
     if rank == 0:
         print("RESULT " + json.dumps(row), flush=True)
         os.makedirs(os.path.dirname(args.csv), exist_ok=True)

@@ -57,7 +57,7 @@ def _train(family: str, tp: int, dp: int, stage: int, gas: int):
     for step in range(STEPS):
         micro = _micro_batches(step, dp, gas)
         for m in range(gas):
-            ids = micro[m, engine.dp_rank]
+            ids = micro[m, engine.dp_rank].to(engine.device)
             engine.backward(engine(input_ids=ids, labels=ids).loss)
             engine.step()
         norms.append(engine.get_global_grad_norm())
