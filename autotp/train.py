@@ -4,11 +4,15 @@
     autotp-train --model qwen3 --steps 400       # another family, random init, byte vocabulary
     autotp-train --model ./my-hf-model --config ds.json --output runs/a
     torchrun --nproc_per_node=8 -m autotp.train --tp 4     # under torchrun: TP=4 x DP=2
+    autotp-train --nproc 4 --tp 2 --zero 2 --save-every 50  # ZeRO-2 over DP=2, checkpoints every 50 steps
+    autotp-train --nproc 4 --tp 2 --zero 2 --resume         # continue from <output>/checkpoints/latest
 
 Text is tokenized as UTF-8 bytes (ids 0-255, no tokenizer library); the corpus is autotp/data/corpus.txt.
 Without torchrun the command spawns --nproc local processes itself (default: every GPU with NCCL, else 2 CPU
 processes with gloo). `--config` is a DeepSpeed-style JSON whose top-level keys replace the built-in defaults.
-Writes <output>/model (an HF directory, loadable without autotp), <output>/losses.csv and <output>/loss.png.
+Writes <output>/model (an HF directory, loadable without autotp), <output>/losses.csv and <output>/loss.png;
+with --save-every, training checkpoints in <output>/checkpoints (exact resume with --resume, also at another
+--nproc/--tp/--zero).
 """
 
 from __future__ import annotations
@@ -52,12 +56,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128, help="tokens (bytes) per sample (default 128)")
     parser.add_argument("--output", default="./autotp_output", help="output directory (default ./autotp_output)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--zero", type=int, choices=[0, 1, 2], help="ZeRO stage over the DP group (default: config's, "
+                        "else 0)")
+    parser.add_argument("--save-every", type=int, default=0, help="save a training checkpoint every N steps and at "
+                        "the end (default: off)")
+    parser.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/latest")
     args = parser.parse_args(argv)
     under_torchrun = "RANK" in os.environ
     args.nproc = int(os.environ["WORLD_SIZE"]) if under_torchrun else (
         args.nproc or torch.cuda.device_count() or 2)
-    if args.steps < 1 or args.seq_len < 2 or args.nproc < 1:
-        parser.error("--steps must be >= 1, --seq-len >= 2 and --nproc >= 1")
+    if args.steps < 1 or args.seq_len < 2 or args.nproc < 1 or args.save_every < 0:
+        parser.error("--steps must be >= 1, --seq-len >= 2, --nproc >= 1 and --save-every >= 0")
     if not under_torchrun and torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
         parser.error(f"--nproc {args.nproc} exceeds the {torch.cuda.device_count()} local GPUs")
     if args.model not in FAMILIES:
@@ -96,9 +105,12 @@ def build_config(parser, args) -> dict:
         config.update(user)
         if args.tp is not None:
             config["tensor_parallel"] = {**(config.get("tensor_parallel") or {}), "autotp_size": args.tp}
+        if args.zero is not None:
+            config["zero_optimization"] = {**(config.get("zero_optimization") or {}), "stage": args.zero}
         parse_config(config, args.nproc)
     except ConfigError as err:
-        given = [f"--config {args.config}" if args.config else "", f"--tp {args.tp}" if args.tp else ""]
+        given = [f"--config {args.config}" if args.config else "", f"--tp {args.tp}" if args.tp else "",
+                 f"--zero {args.zero}" if args.zero is not None else ""]
         parser.error(f"{' and '.join(g for g in given if g) or 'built-in config'}: {err}")
     return config
 
@@ -173,8 +185,16 @@ def train(args) -> None:
     micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps
     tokens_per_step = micro * accum * engine.dp_world_size * args.seq_len
     rows, start = [], time.perf_counter()
-    bar = tqdm(total=args.steps, disable=rank != 0, dynamic_ncols=True, desc="autotp-train")
-    for step in range(args.steps):
+    checkpoints = os.path.join(args.output, "checkpoints")
+    if args.resume:
+        path, client = engine.load_checkpoint(checkpoints)
+        if path is not None:
+            rows = client["rows"]
+            if rank == 0:
+                print(f"autotp-train: resumed from {path} at step {engine.global_steps}")
+    first = engine.global_steps
+    bar = tqdm(total=args.steps, initial=first, disable=rank != 0, dynamic_ncols=True, desc="autotp-train")
+    for step in range(first, args.steps):
         engine.train()
         step_start, loss_sum = time.perf_counter(), 0.0
         for micro_step in range(accum):
@@ -193,6 +213,8 @@ def train(args) -> None:
                      round(engine.get_global_grad_norm() or 0.0, 5), round(tokens_per_s, 1)])
         bar.set_postfix(loss=f"{rows[-1][1]:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         bar.update()
+        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            engine.save_checkpoint(checkpoints, client_state={"rows": rows})
     bar.close()
     elapsed = time.perf_counter() - start
     sample = greedy_sample(engine, "The ", 60)
@@ -203,8 +225,8 @@ def train(args) -> None:
         where = f"{dist.get_world_size()} x {engine.device.type} ({dist.get_backend()})"
         print(f"autotp-train: {args.model} ({n_params / 1e6:.1f}M params), TP={engine.tp_world_size} x "
               f"DP={engine.dp_world_size} on {where}, {args.steps} steps of {tokens_per_step} tokens")
-        print(f"loss {rows[0][1]:.3f} -> {rows[-1][1]:.3f} in {elapsed:.1f} s "
-              f"({tokens_per_step * args.steps / elapsed:,.0f} tokens/s)")
+        print(f"loss {rows[0][1]:.3f} -> {rows[-1][1]:.3f}; {args.steps - first} steps in {elapsed:.1f} s "
+              f"({tokens_per_step * (args.steps - first) / elapsed:,.0f} tokens/s)")
         print(f"sample: {sample!r}")
         print(f"model:  {model_dir}  (AutoModelForCausalLM.from_pretrained; input ids are UTF-8 bytes)")
         print(f"curve:  {os.path.join(args.output, 'loss.png')}, {os.path.join(args.output, 'losses.csv')}")
