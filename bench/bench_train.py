@@ -114,6 +114,9 @@ def main():
     model, config = build_model(args.layers)
     n_params = sum(p.numel() for p in model.parameters())
     forward, backward, step, world, rank, dp = setup(args, model)
+    del model  # the providers hold what they keep; the unsharded CPU copy must not count
+    torch.cuda.synchronize()
+    static_gb = torch.cuda.memory_allocated() / 2 ** 30  # weights (+ masters, optimizer buffers made so far)
     gen = torch.Generator().manual_seed(1234)  # same batch on every rank of a TP group
     times, losses = [], []
     for _ in range(args.steps):
@@ -123,6 +126,7 @@ def main():
         torch.cuda.synchronize()
         start = time.perf_counter()
         loss = forward(ids)
+        forward_gb = torch.cuda.memory_allocated() / 2 ** 30  # static + saved activations (+ logits)
         backward(loss)
         step()
         torch.cuda.synchronize()
@@ -138,6 +142,7 @@ def main():
                step_s=round(median, 4), tokens_per_s_per_gpu=round(tokens_per_gpu),
                mfu=round(tokens_per_gpu * flops_per_token / H200_BF16_TFLOPS, 4),
                peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
+               static_mem_gb=round(static_gb, 2), after_forward_gb=round(forward_gb, 2), after_mem_gb=round(torch.cuda.memory_allocated() / 2 ** 30, 2),
                first_losses=" ".join(f"{x:.4f}" for x in losses[:3]), torch=torch.__version__,
                transformers=__import__("transformers").__version__, triton=_version("triton"),
                deepspeed=_version("deepspeed"))

@@ -26,7 +26,8 @@ fi
 python3 - "$RES/train.csv" <<'PY'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
-print(f"{'provider':<10} {'zero':>4} {'s/step':>7} {'tok/s/GPU':>10} {'peak GB':>8}  first losses")
+print(f"{'provider':<10} {'zero':>4} {'s/step':>7} {'tok/s/GPU':>10} {'peak GB':>8} {'after GB':>8}  first losses")
 for r in rows:
-    print(f"{r['provider']:<10} {r['zero']:>4} {r['step_s']:>7} {r['tokens_per_s_per_gpu']:>10} {r['peak_mem_gb']:>8}  {r['first_losses']}")
+    print(f"{r['provider']:<10} {r['zero']:>4} {r['step_s']:>7} {r['tokens_per_s_per_gpu']:>10} {r['peak_mem_gb']:>8} "
+          f"{r['after_mem_gb']:>8}  {r['first_losses']}")
 PY
