@@ -360,21 +360,23 @@ def _load_module(engine, reader: _Reader, meta: dict, strict: bool) -> None:
             if old_tp == new_tp or name not in meta["layouts"]:
                 value = own[name]
             else:
-                value = _reshard(name, meta, engine, lambda r: reader(f"model_tp{r:02d}.pt")[name])
+                value = _reshard(name, meta, tensor, engine.groups.tp_rank,
+                                 lambda r: reader(f"model_tp{r:02d}.pt")[name])
             if tuple(value.shape) != tuple(tensor.shape):
                 raise CheckpointError(f"checkpoint '{reader.path}': module key '{name}' has shape "
                                       f"{tuple(value.shape)}, this model's shard is {tuple(tensor.shape)}")
             tensor.copy_(value)
 
 
-def _reshard(name: str, meta: dict, engine, old_shard) -> torch.Tensor:
-    """This rank's shard of `name` under the current TP layout, from `old_shard(r)` of every old TP rank."""
+def _reshard(name: str, meta: dict, target: torch.Tensor, tp_rank: int, old_shard) -> torch.Tensor:
+    """`tp_rank`'s shard of `name` in the layout of `target` (this model's tensor), from `old_shard(r)` of every
+    old TP rank."""
     info = meta["layouts"][name]
     old_layout, full_shape = _layout_from_data(info["layout"]), info["full_shape"]
     shards = [old_shard(r).reshape(local_shape(old_layout, full_shape, r)) for r in range(meta["tp_size"])]
     full = unshard_tensor(shards, old_layout, full_shape)
-    layout = getattr(engine.module.state_dict(keep_vars=True)[name], "autotp_layout", None)
-    return shard_tensor(full, layout, engine.groups.tp_rank) if layout is not None else full
+    layout = getattr(target, "autotp_layout", None)
+    return shard_tensor(full, layout, tp_rank) if layout is not None else full
 
 
 def _load_optimizer(engine, reader: _Reader, meta: dict) -> None:
@@ -406,6 +408,8 @@ def _load_optimizer(engine, reader: _Reader, meta: dict) -> None:
         return out
 
     cache: dict = {}
+    optimizer, store = engine.optimizer, engine.store
+    param_of = dict(zip(store.names, store.params))
 
     def fetch(name: str, numel: int) -> dict:
         if name not in cache:
@@ -417,16 +421,15 @@ def _load_optimizer(engine, reader: _Reader, meta: dict) -> None:
                 old_layout, full_shape = _layout_from_data(info["layout"]), info["full_shape"]
                 per_rank = [old_flat(r, name, int(torch.Size(local_shape(old_layout, full_shape, r)).numel()))
                             for r in range(old_tp)]
-                cache[name] = {key: _reshard(name, meta, engine, lambda r, k=key: per_rank[r][k]).reshape(-1)
-                               for key in per_rank[0]}
+                cache[name] = {key: _reshard(name, meta, param_of[name], tp_rank,
+                                             lambda r, k=key: per_rank[r][k]).reshape(-1) for key in per_rank[0]}
         values = cache[name]
         if values["master"].numel() != numel:
             raise CheckpointError(f"checkpoint '{reader.path}': parameter '{name}' has {values['master'].numel()} "
                                   f"elements in this rank's shard, the model has {numel}")
         return values
 
-    optimizer, store = engine.optimizer, engine.store
-    numel_of = {n: p.numel() for n, p in zip(store.names, store.params)}
+    numel_of = {n: p.numel() for n, p in param_of.items()}
     saved_groups = reader(f"optim_tp{0:02d}_dp{0:02d}.pt")
     if len(saved_groups["param_groups"]) != len(optimizer.param_groups):
         raise CheckpointError(f"checkpoint '{reader.path}' has {len(saved_groups['param_groups'])} optimizer "
