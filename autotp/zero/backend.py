@@ -1,16 +1,19 @@
-"""The two collectives ZeRO needs, behind one small interface with interchangeable backends.
+"""The collectives ZeRO needs, behind one small interface with interchangeable backends.
 
-`torch` runs them through torch.distributed (NCCL on GPU, gloo on CPU). `nccl_ext` is autotp's C++/NCCL
-extension (`csrc/`), which owns its own communicator and stream. `auto` takes the extension when it is built and
-falls back to torch with one log line. Both are called on the current stream: the caller decides which stream
-that is and how it waits.
+`reduce_scatter(outputs, inputs, accumulate)` reduces a batch of ready buckets: it runs after everything already
+queued on the current stream, on the backend's comm stream, and keeps the tensors alive for that stream, so the
+caller may drop them at once; `join()` makes the current stream wait for all of it. `all_gather` runs on the
+current stream. Backends:
+  torch     torch.distributed (NCCL on GPU, gloo on CPU) on a high-priority comm stream owned here;
+  nccl_ext  autotp's C++/NCCL extension (`csrc/nccl_comm.cpp`): its own communicator and stream, a batch of
+            buckets coalesced in one NCCL group, per-bucket work in C++;
+  auto      nccl_ext when it loads, else torch with one log line.
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import logging
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -24,45 +27,92 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 
 
 class TorchBackend:
-    """Collectives from torch.distributed over one process group."""
+    """Collectives from torch.distributed over the DP group; on GPU they run on a comm stream of ours."""
 
     name = "torch"
 
-    def __init__(self, group):
+    def __init__(self, group, device: torch.device):
         self.group = group
+        self.cuda = device.type == "cuda"
+        # High priority: a ready reduce-scatter should not queue behind backward's GEMMs.
+        self.stream = torch.cuda.Stream(device=device, priority=-1) if self.cuda else None
 
-    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        """`output` (numel / group size) = this rank's slice of the sum of every rank's `input`."""
-        dist.reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=self.group)
+    def _on_comm(self):
+        if not self.cuda:
+            return contextlib.nullcontext()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        return torch.cuda.stream(self.stream)
+
+    def reduce_scatter(self, outputs, inputs, accumulate) -> None:
+        if self.cuda:
+            for tensor in list(inputs) + list(outputs):
+                tensor.record_stream(self.stream)  # freed by the caller only after this stream is past it
+        with self._on_comm():
+            for output, input, add in zip(outputs, inputs, accumulate):
+                if add:
+                    reduced = torch.empty(output.numel(), dtype=input.dtype, device=input.device)
+                    dist.reduce_scatter_tensor(reduced, input, op=dist.ReduceOp.SUM, group=self.group)
+                    output.add_(reduced)
+                else:
+                    dist.reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=self.group)
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        """`output` = every rank's `input` concatenated in rank order; `input` may alias this rank's slice."""
         _all_gather_flat(output, input, group=self.group)
 
+    def join(self) -> None:
+        if self.cuda:
+            torch.cuda.current_stream().wait_stream(self.stream)
 
-_EXTENSION_ERROR: Optional[str] = None
+
+class NcclExtBackend:
+    """autotp's C++/NCCL communicator for the DP group (ids broadcast through torch.distributed)."""
+
+    name = "nccl_ext"
+
+    def __init__(self, group, device: torch.device, module):
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        holder = [module.unique_id() if rank == 0 else None]
+        dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)
+        self.comm = module.NcclComm(holder[0], rank, size, device.index)
+
+    def reduce_scatter(self, outputs, inputs, accumulate) -> None:
+        self.comm.reduce_scatter(list(outputs), list(inputs), list(accumulate))
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        self.comm.all_gather(output, input)
+
+    def join(self) -> None:
+        self.comm.join()
 
 
-def _load_extension_backend(group):
-    """The `nccl_ext` backend, or None with the reason recorded in `_EXTENSION_ERROR`."""
-    global _EXTENSION_ERROR
+def _load_extension(device: torch.device):
+    """(module, None) or (None, why not) on this rank."""
+    if device.type != "cuda":
+        return None, "the nccl_ext backend needs CUDA tensors (this run is on the CPU)"
     try:
-        module = importlib.import_module("autotp.zero.nccl_backend")
-        return module.NcclExtBackend(group)
-    except (ImportError, OSError, RuntimeError) as err:
-        _EXTENSION_ERROR = f"{type(err).__name__}: {err}"
-        return None
+        from .. import _ext
+
+        return _ext.load("nccl"), None
+    except ImportError as err:
+        return None, str(err)
 
 
-def make_backend(name: str, group):
-    """The backend named by `zero_optimization.comm_backend` for the DP `group`."""
+def make_backend(name: str, group, device: torch.device):
+    """The backend named by `zero_optimization.comm_backend` for the DP `group`. Every rank calls this; whether
+    the extension is usable is agreed over all ranks first, so no rank waits for a communicator the others
+    will not create."""
     if name == "torch":
-        return TorchBackend(group)
-    backend = _load_extension_backend(group)
-    if backend is not None:
-        return backend
+        return TorchBackend(group, device)
+    module, why = _load_extension(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        reasons = [None] * dist.get_world_size()
+        dist.all_gather_object(reasons, why)
+        why = next((r for r in reasons if r), None)
+    if why is None:
+        return NcclExtBackend(group, device, module)
     if name == "nccl_ext":
         raise ConfigError(f"config key 'zero_optimization.comm_backend' = 'nccl_ext': the autotp C++/NCCL "
-                          f"extension is not available ({_EXTENSION_ERROR})")
-    logger.info("autotp: ZeRO uses the torch backend (nccl_ext unavailable: %s)", _EXTENSION_ERROR)
-    return TorchBackend(group)
+                          f"extension is not available: {why}")
+    logger.info("autotp: ZeRO uses the torch backend (nccl_ext unavailable: %s)", why.splitlines()[0])
+    return TorchBackend(group, device)
+

@@ -62,6 +62,23 @@ class Bucket:
         return out
 
 
+def plan(numels: Sequence[int], keys: Sequence[Hashable], bucket_size: int, dp: int,
+         align: int = DEFAULT_ALIGN) -> list[Bucket]:
+    """`plan_buckets`, computed by the C++ planner (csrc/bucket_plan.cpp) when the extension is available."""
+    try:
+        from .. import _ext
+
+        planner = _ext.load("planner")
+    except ImportError:
+        return plan_buckets(numels, keys, bucket_size, dp, align)
+    ids: dict = {}
+    key_ids = [ids.setdefault(k, len(ids)) for k in keys]
+    key_of = {v: k for k, v in ids.items()}
+    return [Bucket(index=b.index, key=key_of[b.key], params=list(b.params), offsets=list(b.offsets), numel=b.numel,
+                   padded=b.padded, dp=b.dp)
+            for b in planner.plan_buckets(list(numels), key_ids, bucket_size, dp, align)]
+
+
 def _round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
 

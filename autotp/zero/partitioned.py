@@ -15,41 +15,14 @@ updated slices come back by all-gather straight into the flat parameter buckets.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from .backend import make_backend
-from .buckets import Bucket, plan_buckets
+from .buckets import Bucket, plan
 from .norm import count_once_weights, weighted_sumsq
-
-
-class _Streams:
-    """The comm stream and its ordering with the compute stream; plain no-ops on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        # High priority: a ready reduce-scatter should not queue behind backward's GEMMs.
-        self.comm = torch.cuda.Stream(device=device, priority=-1) if self.cuda else None
-
-    def on_comm(self):
-        """Context for work that must follow everything queued so far on the current stream."""
-        if not self.cuda:
-            return contextlib.nullcontext()
-        self.comm.wait_stream(torch.cuda.current_stream())
-        return torch.cuda.stream(self.comm)
-
-    def release_to_comm(self, tensor: torch.Tensor) -> None:
-        """`tensor` (made on the compute stream) is used on the comm stream: free it only after that use."""
-        if self.cuda:
-            tensor.record_stream(self.comm)
-
-    def join(self) -> None:
-        """The current stream waits for every collective launched so far (no host synchronisation)."""
-        if self.cuda:
-            torch.cuda.current_stream().wait_stream(self.comm)
 
 
 class PartitionedState:
@@ -63,8 +36,7 @@ class PartitionedState:
         self.cfg = zero_cfg
         self.dp, self.dp_rank = groups.dp_size, groups.dp_rank
         self.device = device
-        self.streams = _Streams(device)
-        self.backend = make_backend(zero_cfg.comm_backend, groups.dp_group) if self.dp > 1 else None
+        self.backend = make_backend(zero_cfg.comm_backend, groups.dp_group, device) if self.dp > 1 else None
 
         group_of = {id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
         missing = [n for n, p in zip(names, params) if id(p) not in group_of]
@@ -72,7 +44,7 @@ class PartitionedState:
             raise ValueError(f"autotp ZeRO-{stage}: trainable parameter '{missing[0]}' is in no optimizer param "
                              "group; pass every parameter with requires_grad=True to the optimizer or freeze it")
         self.numels = [p.numel() for p in params]
-        self.buckets: list[Bucket] = plan_buckets(
+        self.buckets: list[Bucket] = plan(
             self.numels, [(group_of[id(p)], p.dtype) for p in params], zero_cfg.reduce_bucket_size, self.dp)
         self._where = {}
         for bucket in self.buckets:
@@ -146,74 +118,98 @@ class PartitionedState:
         for arrived in self._arrived:
             arrived.clear()
 
-    def _buffer(self, bucket: Bucket) -> torch.Tensor:
-        buffer = self._buffers[bucket.index]
-        if buffer is None:
-            dtype = self.wire_dtype if self.stage == 2 else self.accum_dtype
-            buffer = torch.zeros(bucket.padded, dtype=dtype, device=self.device)
-            self._buffers[bucket.index] = buffer
-        return buffer
-
     def _hook(self, index: int):
         def on_grad(param: torch.Tensor) -> None:
             if param.grad is None:
                 return
             bucket, offset = self._where[index]
-            arrived = self._arrived[bucket.index]
-            if self._reduce_now and index in arrived and bucket.index < self._next_launch:
+            if not self._reduce_now:  # stage 1 inside a window: accumulate now, free the gradient
+                buffer = self._buffers[bucket.index]
+                if buffer is None:
+                    buffer = torch.zeros(bucket.padded, dtype=self.accum_dtype, device=self.device)
+                    self._buffers[bucket.index] = buffer
+                with torch.no_grad():
+                    buffer[offset:offset + param.numel()].add_(param.grad.reshape(-1))
+                param.grad = None
+                return
+            # Reducing micro-step: the gradient stays in param.grad until its bucket is complete, then the whole
+            # bucket is copied into its buffer at once (one fused kernel, no per-parameter work).
+            if bucket.index < self._next_launch:
                 raise RuntimeError(
-                    f"autotp ZeRO-{self.stage}: parameter '{self.names[index]}' received a second gradient in "
-                    f"one backward after its bucket {bucket.index} was reduced (a parameter reused across "
+                    f"autotp ZeRO-{self.stage}: parameter '{self.names[index]}' received a gradient after its "
+                    f"bucket {bucket.index} was reduced (a parameter used again later in backward, e.g. across "
                     "reentrant checkpoints?); set zero_optimization.overlap_comm to false")
-            with torch.no_grad():
-                self._buffer(bucket)[offset:offset + param.numel()].add_(param.grad.reshape(-1))
-            param.grad = None
-            if self._reduce_now:
-                arrived.add(index)
-                if self.cfg.overlap_comm:
-                    self._launch_ready()
+            self._arrived[bucket.index].add(index)
+            if self.cfg.overlap_comm:
+                self._launch_ready()
 
         return on_grad
 
     def _launch_ready(self) -> None:
+        ready = []
         while self._next_launch < len(self.buckets):
             bucket = self.buckets[self._next_launch]
             if len(self._arrived[bucket.index]) < len(bucket.params):
-                return
-            self._launch(bucket)
+                break
+            ready.append(bucket)
+            self._next_launch += 1
+        if ready:
+            self._launch(ready)
 
     def end_backward(self) -> None:
         """Launch what is left (buckets with unused parameters, or all of them without overlap_comm)."""
-        if not self._reduce_now:
+        if not self._reduce_now or self._next_launch == len(self.buckets):
             return
-        while self._next_launch < len(self.buckets):
-            self._launch(self.buckets[self._next_launch])
+        rest = self.buckets[self._next_launch:]
+        self._next_launch = len(self.buckets)
+        self._launch(rest)
 
-    def _launch(self, bucket: Bucket) -> None:
-        self._next_launch = bucket.index + 1
-        buffer = self._buffer(bucket)
-        self.streams.release_to_comm(buffer)
-        self._buffers[bucket.index] = None  # freed once the collective has read it
-        grad_part = self.grad_parts[bucket.index]
-        if grad_part is None:  # first reduction of this bucket in this step
-            make = torch.empty if (self._single_reduction and self.dp > 1) else torch.zeros
-            grad_part = make(bucket.partition_numel, dtype=self._part_dtype, device=self.device)
-            self.streams.release_to_comm(grad_part)
-            self.grad_parts[bucket.index] = grad_part
-        with self.streams.on_comm():
-            wire = buffer if buffer.dtype == self.wire_dtype else buffer.to(self.wire_dtype)
-            if self.dp == 1:
-                grad_part.add_(wire)
-            elif self._single_reduction:
-                self.backend.reduce_scatter(grad_part, wire)  # once per step: write the result in place
+    def _fill(self, bucket: Bucket) -> torch.Tensor:
+        """The bucket's flat gradient, in bucket order, with zeros for padding and unused parameters."""
+        grads = [self.params[i].grad for i in bucket.params]
+        buffer = self._buffers[bucket.index]  # stage 1: this window's earlier micro-steps
+        self._buffers[bucket.index] = None
+        with torch.no_grad():
+            if buffer is None and all(g is not None for g in grads):
+                buffer = torch.empty(bucket.padded, dtype=grads[0].dtype, device=self.device)
+                torch.cat([g.reshape(-1) for g in grads], out=buffer[:bucket.numel])
+                buffer[bucket.numel:].zero_()
             else:
-                reduced = torch.empty(bucket.partition_numel, dtype=wire.dtype, device=self.device)
-                self.backend.reduce_scatter(reduced, wire)
-                grad_part.add_(reduced)
+                if buffer is None:
+                    buffer = torch.zeros(bucket.padded, dtype=self.params[bucket.params[0]].dtype,
+                                         device=self.device)
+                present = [(i, o, g) for i, o, g in zip(bucket.params, bucket.offsets, grads) if g is not None]
+                if present:
+                    torch._foreach_add_([buffer[o:o + g.numel()] for _, o, g in present],
+                                        [g.reshape(-1) for _, _, g in present])
+        for index in bucket.params:
+            self.params[index].grad = None
+        return buffer if buffer.dtype == self.wire_dtype else buffer.to(self.wire_dtype)
+
+    def _launch(self, buckets: list[Bucket]) -> None:
+        """Reduce a batch of complete buckets, in order, as one group of collectives."""
+        wires, parts, accumulate = [], [], []
+        for bucket in buckets:
+            wires.append(self._fill(bucket))
+            part = self.grad_parts[bucket.index]
+            first = part is None  # first reduction of this bucket in this step
+            if first:
+                make = torch.empty if self._single_reduction else torch.zeros
+                part = make(bucket.partition_numel, dtype=self._part_dtype, device=self.device)
+                self.grad_parts[bucket.index] = part
+            parts.append(part)
+            accumulate.append(not self._single_reduction)
+        if self.backend is None:  # dp == 1: the "reduction" is a copy
+            with torch.no_grad():
+                for part, wire, add in zip(parts, wires, accumulate):
+                    part.add_(wire) if add else part.copy_(wire)
+            return
+        self.backend.reduce_scatter(parts, wires, accumulate)
 
     def reduce(self) -> None:
         """At the boundary: every bucket's reduction has finished; gradients become the DP mean."""
-        self.streams.join()
+        if self.backend is not None:
+            self.backend.join()
         for index, (master, part) in enumerate(zip(self.masters, self.grad_parts)):
             master.grad = part if part.dtype == torch.float32 else part.float()
             if master.grad is not part:
@@ -261,7 +257,8 @@ class PartitionedState:
 
     def zero_grad(self) -> None:
         """Drop every gradient, including a stage-1 window accumulated but not reduced yet."""
-        self.streams.join()
+        if self.backend is not None:
+            self.backend.join()
         for index, master in enumerate(self.masters):
             master.grad = None
             self.grad_parts[index] = None
