@@ -97,10 +97,16 @@ def measure_autotp(args, engine, batch, timer, dp_group):
         return elapsed
 
     for name in args.backends:
-        store.backend = make_backend(name, dp_group, engine.device)
-        if store.backend.name != name:
-            print(f"backend {name} unavailable, skipped", flush=True)
-            continue
+        if ":" in name:  # nccl_ext:N caps NCCL's thread blocks at N
+            from autotp import _ext
+            from autotp.zero.backend import NcclExtBackend
+
+            store.backend = NcclExtBackend(dp_group, engine.device, _ext.load("nccl"), int(name.split(":")[1]))
+        else:
+            store.backend = make_backend(name, dp_group, engine.device)
+            if store.backend.name != name:
+                print(f"backend {name} unavailable, skipped", flush=True)
+                continue
         for _ in range(args.warmup):
             backward(True)
         with_sync = statistics.median(backward(True) for _ in range(args.reps))
@@ -176,7 +182,7 @@ def measure_deepspeed(args, engine, batch, timer):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--provider", choices=["autotp", "deepspeed"], default="autotp")
-    parser.add_argument("--backends", default="torch,nccl_ext")
+    parser.add_argument("--backends", default="torch,nccl_ext,nccl_ext:8")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seq", type=int, default=4096)

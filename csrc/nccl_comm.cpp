@@ -34,7 +34,7 @@ ncclDataType_t nccl_dtype(const at::Tensor& t) {
 }
 }  // namespace
 
-NcclComm::NcclComm(const std::string& unique_id, int rank, int size, int device)
+NcclComm::NcclComm(const std::string& unique_id, int rank, int size, int device, int max_ctas)
     : rank_(rank), size_(size), device_(device),
       // High priority: a ready reduce-scatter should not queue behind backward's GEMMs.
       stream_(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device)) {
@@ -44,7 +44,13 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int size, int device)
   c10::cuda::CUDAGuard guard(device);
   ncclUniqueId id;
   std::memcpy(&id, unique_id.data(), sizeof(id));
-  NCCL_CHECK(ncclCommInitRank(&comm_, size, id, rank));
+  if (max_ctas > 0) {
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.maxCTAs = max_ctas;
+    NCCL_CHECK(ncclCommInitRankConfig(&comm_, size, id, rank, &config));
+  } else {
+    NCCL_CHECK(ncclCommInitRank(&comm_, size, id, rank));
+  }
   CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
 }

@@ -15,7 +15,9 @@ namespace autotp {
 class NcclComm {
  public:
   // `unique_id` comes from `unique_id()` on rank 0 of the group, broadcast through torch.distributed.
-  NcclComm(const std::string& unique_id, int rank, int size, int device);
+  // `max_ctas` > 0 caps the thread blocks NCCL uses (ncclConfig_t.maxCTAs), leaving SMs to the backward GEMMs
+  // it overlaps with; 0 keeps NCCL's default.
+  NcclComm(const std::string& unique_id, int rank, int size, int device, int max_ctas = 0);
   ~NcclComm();
   NcclComm(const NcclComm&) = delete;
   NcclComm& operator=(const NcclComm&) = delete;
@@ -39,6 +41,8 @@ class NcclComm {
   int rank() const { return rank_; }
   int size() const { return size_; }
   int64_t launches() const { return launches_; }
+  // The comm stream, for callers that enqueue their own work on it (torch.cuda.ExternalStream).
+  int64_t stream_handle() const { return reinterpret_cast<int64_t>(stream_.stream()); }
 
  private:
   void check_tensor(const at::Tensor& t, const char* what) const;

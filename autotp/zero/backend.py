@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -37,17 +39,15 @@ class TorchBackend:
         # High priority: a ready reduce-scatter should not queue behind backward's GEMMs.
         self.stream = torch.cuda.Stream(device=device, priority=-1) if self.cuda else None
 
-    def _on_comm(self):
-        if not self.cuda:
-            return contextlib.nullcontext()
-        self.stream.wait_stream(torch.cuda.current_stream())
-        return torch.cuda.stream(self.stream)
+    def on_comm(self):
+        """Context for work that must run on the comm stream after everything queued so far."""
+        return _after_current(self.stream)
 
     def reduce_scatter(self, outputs, inputs, accumulate) -> None:
         if self.cuda:
             for tensor in list(inputs) + list(outputs):
                 tensor.record_stream(self.stream)  # freed by the caller only after this stream is past it
-        with self._on_comm():
+        with self.on_comm():
             for output, input, add in zip(outputs, inputs, accumulate):
                 if add:
                     reduced = torch.empty(output.numel(), dtype=input.dtype, device=input.device)
@@ -64,16 +64,32 @@ class TorchBackend:
             torch.cuda.current_stream().wait_stream(self.stream)
 
 
+def _after_current(stream):
+    if stream is None:
+        return contextlib.nullcontext()
+    stream.wait_stream(torch.cuda.current_stream())
+    return torch.cuda.stream(stream)
+
+
 class NcclExtBackend:
-    """autotp's C++/NCCL communicator for the DP group (ids broadcast through torch.distributed)."""
+    """autotp's C++/NCCL communicator for the DP group (ids broadcast through torch.distributed).
+
+    AUTOTP_NCCL_MAX_CTAS caps the thread blocks its kernels take from the backward GEMMs (0: NCCL's default)."""
 
     name = "nccl_ext"
 
-    def __init__(self, group, device: torch.device, module):
+    def __init__(self, group, device: torch.device, module, max_ctas: Optional[int] = None):
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         holder = [module.unique_id() if rank == 0 else None]
         dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)
-        self.comm = module.NcclComm(holder[0], rank, size, device.index)
+        if max_ctas is None:
+            max_ctas = int(os.environ.get("AUTOTP_NCCL_MAX_CTAS", "0"))
+        self.comm = module.NcclComm(holder[0], rank, size, device.index, max_ctas)
+        self.stream = torch.cuda.ExternalStream(self.comm.stream_handle, device=device)
+
+    def on_comm(self):
+        """Context for work that must run on the extension's stream after everything queued so far."""
+        return _after_current(self.stream)
 
     def reduce_scatter(self, outputs, inputs, accumulate) -> None:
         self.comm.reduce_scatter(list(outputs), list(inputs), list(accumulate))

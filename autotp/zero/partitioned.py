@@ -189,8 +189,20 @@ class PartitionedState:
     def _launch(self, buckets: list[Bucket]) -> None:
         """Reduce a batch of complete buckets, in order, as one group of collectives."""
         wires, parts, accumulate = [], [], []
+        if self.backend is not None:
+            # The fused copies run on the comm stream too: backward's next kernels need not wait for them.
+            stream = self.backend.stream
+            if stream is not None:
+                for bucket in buckets:
+                    window = self._buffers[bucket.index]  # stage 1: earlier micro-steps of the window
+                    for tensor in [self.params[i].grad for i in bucket.params] + [window]:
+                        if tensor is not None:
+                            tensor.record_stream(stream)  # dropped below, read on the comm stream
+            with self.backend.on_comm():
+                wires = [self._fill(bucket) for bucket in buckets]
+        else:
+            wires = [self._fill(bucket) for bucket in buckets]
         for bucket in buckets:
-            wires.append(self._fill(bucket))
             part = self.grad_parts[bucket.index]
             first = part is None  # first reduction of this bucket in this step
             if first:
