@@ -37,6 +37,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<LaunchTracker>(m, "LaunchTracker", py::module_local())
       .def(py::init<const std::vector<Bucket>&, int64_t>(), py::arg("buckets"), py::arg("num_params"))
+      .def(py::init([](const std::vector<std::vector<int64_t>>& params_per_bucket, int64_t num_params) {
+             std::vector<Bucket> buckets(params_per_bucket.size());
+             for (size_t i = 0; i < buckets.size(); ++i) {
+               buckets[i].index = static_cast<int64_t>(i);
+               buckets[i].params = params_per_bucket[i];
+             }
+             return new LaunchTracker(buckets, num_params);
+           }),
+           py::arg("params_per_bucket"), py::arg("num_params"))
       .def("reset", &LaunchTracker::reset)
       .def("arrive", &LaunchTracker::arrive, py::arg("param"))
       .def("flush", &LaunchTracker::flush)

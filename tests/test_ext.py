@@ -89,3 +89,46 @@ def test_jit_build_into_a_fresh_cache(tmp_path, monkeypatch):
     module = _ext._jit("planner", _ext.PLANNER_SOURCES, cuda=False)
     assert [b.params for b in module.plan_buckets([3, 4], [0, 0], 100, 1, 1)] == [[1, 0]]
     assert any(name.endswith(".so") for _, _, files in __import__("os").walk(tmp_path) for name in files)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cpp_and_python_trackers_agree(seed):
+    from autotp.zero.buckets import LaunchTracker
+
+    rng = random.Random(seed)
+    numels = [rng.randint(1, 50) for _ in range(30)]
+    buckets = plan_buckets(numels, [rng.randint(0, 1) for _ in numels], 80, 2, 1)
+    ours = LaunchTracker(buckets, len(numels))
+    cpp = planner.LaunchTracker([b.params for b in buckets], len(numels))
+    order = list(range(len(numels)))[::-1]
+    rng.shuffle(order[: len(order) // 2])  # mostly backward order, partly shuffled, some repeats
+    for param in order[:25] + order[:3]:
+        assert ours.arrive(param) == cpp.arrive(param)
+    assert ours.flush() == cpp.flush()
+
+
+def _zero2_both_trackers(rank, world_size):
+    import torch
+
+    import autotp.zero.buckets as buckets
+    from test_zero import _train
+
+    out = []
+    for use_cpp in (True, False):
+        original = buckets._planner
+        if not use_cpp:
+            buckets._planner = lambda: None
+        try:
+            engine, _, _ = _train("llama", 2, 2, 2, 2)
+            module = type(engine.store._tracker).__module__
+            assert (module != "autotp.zero.buckets") == use_cpp, module
+            out.append(engine.consolidated_state_dict())
+        finally:
+            buckets._planner = original
+    if rank == 0:
+        return all(torch.equal(out[0][k], out[1][k]) for k in out[0])
+    return True
+
+
+def test_zero2_same_with_cpp_or_python_bookkeeping():
+    assert all(run_distributed(4, _zero2_both_trackers))

@@ -62,14 +62,66 @@ class Bucket:
         return out
 
 
-def plan(numels: Sequence[int], keys: Sequence[Hashable], bucket_size: int, dp: int,
-         align: int = DEFAULT_ALIGN) -> list[Bucket]:
-    """`plan_buckets`, computed by the C++ planner (csrc/bucket_plan.cpp) when the extension is available."""
+class LaunchTracker:
+    """Which buckets may be launched as gradients arrive: strictly in index order, so every rank issues the same
+    collectives in the same order whatever order its gradients arrive in. (The C++ twin in csrc/bucket_plan.h
+    is used when the extension is built.)"""
+
+    def __init__(self, buckets: Sequence[Bucket], num_params: int):
+        self._bucket_of = [-1] * num_params
+        for bucket in buckets:
+            for param in bucket.params:
+                self._bucket_of[param] = bucket.index
+        self._expected = [len(b.params) for b in buckets]
+        self.reset()
+
+    def reset(self) -> None:
+        self._count = [0] * len(self._expected)
+        self._arrived = set()
+        self.next_launch = 0
+
+    def arrive(self, param: int) -> list[int]:
+        if param not in self._arrived:
+            self._arrived.add(param)
+            self._count[self._bucket_of[param]] += 1
+        ready = []
+        while self.next_launch < len(self._expected) and self._count[self.next_launch] == self._expected[
+                self.next_launch]:
+            ready.append(self.next_launch)
+            self.next_launch += 1
+        return ready
+
+    def flush(self) -> list[int]:
+        rest = list(range(self.next_launch, len(self._expected)))
+        self.next_launch = len(self._expected)
+        return rest
+
+    def launched(self, bucket: int) -> bool:
+        return bucket < self.next_launch
+
+
+def _planner():
     try:
         from .. import _ext
 
-        planner = _ext.load("planner")
+        return _ext.load("planner")
     except ImportError:
+        return None
+
+
+def make_tracker(buckets: Sequence[Bucket], num_params: int):
+    """The C++ LaunchTracker when the extension is available, else the Python one (same behaviour)."""
+    planner = _planner()
+    if planner is None:
+        return LaunchTracker(buckets, num_params)
+    return planner.LaunchTracker([list(b.params) for b in sorted(buckets, key=lambda b: b.index)], num_params)
+
+
+def plan(numels: Sequence[int], keys: Sequence[Hashable], bucket_size: int, dp: int,
+         align: int = DEFAULT_ALIGN) -> list[Bucket]:
+    """`plan_buckets`, computed by the C++ planner (csrc/bucket_plan.cpp) when the extension is available."""
+    planner = _planner()
+    if planner is None:
         return plan_buckets(numels, keys, bucket_size, dp, align)
     ids: dict = {}
     key_ids = [ids.setdefault(k, len(ids)) for k in keys]

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .backend import make_backend
-from .buckets import Bucket, plan
+from .buckets import Bucket, make_tracker, plan
 from .norm import count_once_weights, weighted_sumsq
 
 
@@ -78,8 +78,7 @@ class PartitionedState:
         # Bucket buffers: filled by the hooks, freed once their reduce-scatter has read them (stage 1 keeps
         # them across the micro-steps of a window, stage 2 for one micro-step).
         self._buffers: list[Optional[torch.Tensor]] = [None] * len(self.buckets)
-        self._arrived: list[set] = [set() for _ in self.buckets]
-        self._next_launch = 0
+        self._tracker = make_tracker(self.buckets, len(params))  # launch order bookkeeping (C++ when built)
         self._reduce_now = False
         self._norm_weights = self._partition_norm_weights(groups.tp_rank)
         self.hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(params)]
@@ -114,9 +113,7 @@ class PartitionedState:
     def begin_backward(self, reduce_now: bool) -> None:
         """`reduce_now`: this micro-step ends an accumulation window (stage 1) or stage 2 (always)."""
         self._reduce_now = reduce_now or self.stage == 2
-        self._next_launch = 0
-        for arrived in self._arrived:
-            arrived.clear()
+        self._tracker.reset()
 
     def _hook(self, index: int):
         def on_grad(param: torch.Tensor) -> None:
@@ -134,35 +131,25 @@ class PartitionedState:
                 return
             # Reducing micro-step: the gradient stays in param.grad until its bucket is complete, then the whole
             # bucket is copied into its buffer at once (one fused kernel, no per-parameter work).
-            if bucket.index < self._next_launch:
+            if self._tracker.launched(bucket.index):
                 raise RuntimeError(
                     f"autotp ZeRO-{self.stage}: parameter '{self.names[index]}' received a gradient after its "
                     f"bucket {bucket.index} was reduced (a parameter used again later in backward, e.g. across "
                     "reentrant checkpoints?); set zero_optimization.overlap_comm to false")
-            self._arrived[bucket.index].add(index)
-            if self.cfg.overlap_comm:
-                self._launch_ready()
+            if self.cfg.overlap_comm:  # without it every bucket waits for end_backward
+                ready = self._tracker.arrive(index)
+                if ready:
+                    self._launch([self.buckets[b] for b in ready])
 
         return on_grad
 
-    def _launch_ready(self) -> None:
-        ready = []
-        while self._next_launch < len(self.buckets):
-            bucket = self.buckets[self._next_launch]
-            if len(self._arrived[bucket.index]) < len(bucket.params):
-                break
-            ready.append(bucket)
-            self._next_launch += 1
-        if ready:
-            self._launch(ready)
-
     def end_backward(self) -> None:
         """Launch what is left (buckets with unused parameters, or all of them without overlap_comm)."""
-        if not self._reduce_now or self._next_launch == len(self.buckets):
+        if not self._reduce_now:
             return
-        rest = self.buckets[self._next_launch:]
-        self._next_launch = len(self.buckets)
-        self._launch(rest)
+        rest = self._tracker.flush()
+        if rest:
+            self._launch([self.buckets[b] for b in rest])
 
     def _fill(self, bucket: Bucket) -> torch.Tensor:
         """The bucket's flat gradient, in bucket order, with zeros for padding and unused parameters."""
