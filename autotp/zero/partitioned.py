@@ -4,12 +4,12 @@ Every trainable parameter (a TP shard) lives as a view into a flat bucket of the
 one even slice of every bucket and keeps fp32 master weights, optimizer state and the fp32 gradient for that
 slice only (1/dp of the TP shard, plus padding).
 
-Gradients reach their owner by reduce-scatter of whole buckets. A post-accumulate hook adds each gradient into
-its bucket and frees it; when a bucket is complete it is launched on the comm stream, after the stream that
-produced the gradients, strictly in bucket order (the order is the same on every rank, so no rank can wait on
-a collective another rank has not reached). Stage 2 does this on every micro-step into a transient staging
-buffer and accumulates the result in the fp32 partition gradient; stage 1 accumulates whole gradients across
-micro-steps in a persistent buffer and reduces on the boundary micro-step only. After the optimizer step the
+Gradients reach their owner by reduce-scatter of whole buckets. A post-accumulate hook records each arrival;
+when a bucket is complete its gradients are copied into a flat buffer by one fused kernel on the comm stream
+(after the stream that produced them) and the buffer is reduce-scattered, strictly in bucket order (the order
+is the same on every rank, so no rank can wait on a collective another rank has not reached). Stage 2 does this
+on every micro-step (summing into an fp32 partition gradient when micro-steps accumulate); stage 1 adds the
+gradients of a window's earlier micro-steps into bucket buffers and reduces on the boundary micro-step only. After the optimizer step the
 updated slices come back by all-gather straight into the flat parameter buckets.
 """
 
