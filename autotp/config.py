@@ -25,7 +25,7 @@ _TOP_KEYS = {
     "bf16", "fp16", "zero_optimization", "optimizer", "scheduler", "tensor_parallel", "steps_per_print", "seed",
     "communication_data_type",
 }
-_TP_KEYS = {"autotp_size", "preset_model", "partition_config", "tp_size"}
+_TP_KEYS = {"autotp_size", "preset_model", "partition_config", "tp_size", "kernels"}
 _PARTITION_KEYS = {"use_default_specs", "strict_mode", "layer_specs"}
 _SPEC_KEYS = {"patterns", "partition_type", "shape", "partition_dim", "model_types", "gather_output",
               "grad_allreduce"}
@@ -202,6 +202,8 @@ class TensorParallelConfig:
     preset_model: Optional[str] = None
     """Built-in plan name (llama, qwen3, gpt2, ...); default: the model's HF tp_plan, then heuristics."""
     partition_config: Optional[PartitionConfig] = None
+    kernels: str = "auto"
+    """GEMMs of the TP layers: `torch`, `triton` (autotp_kernels), or `auto` (torch until measurements pick)."""
 
 
 @dataclass
@@ -323,8 +325,12 @@ def _parse_tensor_parallel(d: dict, unused: list) -> TensorParallelConfig:
         if not isinstance(preset, str) or preset.lower() not in PRESETS:
             _fail("tensor_parallel.preset_model", preset, f"unknown preset; known: {sorted(PRESETS)}")
         preset = preset.lower()
+    kernels = raw.get("kernels", "auto")
+    if kernels not in ("auto", "torch", "triton"):
+        _fail("tensor_parallel.kernels", kernels, "must be one of ['auto', 'torch', 'triton']")
     return TensorParallelConfig(autotp_size=size, preset_model=preset,
-                                partition_config=parse_partition_config(raw.get("partition_config")))
+                                partition_config=parse_partition_config(raw.get("partition_config")),
+                                kernels=kernels)
 
 
 def _parse_named_section(d: dict, key: str, allowed) -> Optional[Any]:

@@ -28,7 +28,7 @@ from .config import AutoTPConfig, ConfigError, load_config_dict, parse_config
 from .groups import ParallelGroups, build_groups, groups_from_mesh, groups_from_mpu, init_distributed
 from .loss_scaler import LossScaler
 from .optim import build_optimizer, build_scheduler
-from .replace import parallelize
+from .replace import parallelize, set_kernels
 from .zero.partitioned import PartitionedState
 from .zero.replicated import ReplicatedState
 
@@ -296,8 +296,10 @@ def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=N
         tp = cfg.tensor_parallel
         parallelize(model, tp_group=groups.tp_group if groups.tp_size > 1 else None, tp_size=groups.tp_size,
                     preset_model=tp.preset_model, partition_config=tp.partition_config,
-                    device_mesh=groups.device_mesh)
+                    device_mesh=groups.device_mesh, kernels=tp.kernels)
         model.autotp_state.groups = groups
+    elif "kernels" in (raw.get("tensor_parallel") or {}):
+        set_kernels(model, cfg.tensor_parallel.kernels)  # tp_model_init sharded it; the config picks GEMMs
     device = _device_for_run()
     dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
     model.to(device)

@@ -24,7 +24,15 @@ from . import comm
 from .shard import ShardLayout
 
 
-def _linear(x, weight, bias, conv1d: bool):
+KERNELS = ("auto", "torch", "triton")
+
+
+def _linear(x, weight, bias, conv1d: bool, kernels: str = "torch"):
+    if kernels == "triton":
+        from autotp_kernels import triton_linear  # imported on use: triton is only needed for this path
+
+        # Conv1D stores [in, out]; its transpose is an [out, in] view, no copy.
+        return triton_linear(x, weight.t() if conv1d else weight, bias)
     if conv1d:
         out = torch.matmul(x, weight)
         return out + bias if bias is not None else out
@@ -41,6 +49,8 @@ class _ParallelLinear(nn.Module):
         self.tp_group = tp_group
         self.tp_rank = tp_rank
         self.conv1d = conv1d
+        self.kernels = "torch"
+        """GEMM implementation: `torch` (cuBLAS / CPU BLAS) or `triton` (autotp_kernels); set by `parallelize`."""
         self.full_in_features = full_in
         self.full_out_features = full_out
         # Linear-compatible attributes: HF code sometimes reads these (e.g. `module.in_features`).
@@ -51,7 +61,7 @@ class _ParallelLinear(nn.Module):
         return (f"{type(self).__name__.replace('ParallelLinear', '').lower()}: tp_rank={self.tp_rank}/"
                 f"{self.layout.tp_size}, local={tuple(self.weight.shape)}, unsharded_in={self.full_in_features}, "
                 f"unsharded_out={self.full_out_features}, bias={self.bias is not None}"
-                + (", conv1d" if self.conv1d else ""))
+                + (", conv1d" if self.conv1d else "") + (", kernels=triton" if self.kernels == "triton" else ""))
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -77,7 +87,7 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def forward(self, x):
         x = comm.copy_to_tp(x, self.tp_group)
-        y_shard_n = _linear(x, self.weight, self.bias, self.conv1d)
+        y_shard_n = _linear(x, self.weight, self.bias, self.conv1d, self.kernels)
         if not self.gather_output:
             return y_shard_n
         y = comm.gather_from_tp(y_shard_n, self.tp_group, self.gather_sizes)
@@ -108,7 +118,7 @@ class RowParallelLinear(_ParallelLinear):
                 x = comm.split_to_tp(x, self.tp_group, self.split_sizes)
             else:
                 x = comm.copy_to_tp(x, self.tp_group).index_select(-1, self.input_index)
-        y_partial = _linear(x, self.weight, None, self.conv1d)
+        y_partial = _linear(x, self.weight, None, self.conv1d, self.kernels)
         y = comm.reduce_from_tp(y_partial, self.tp_group)
         return y + self.bias if self.bias is not None else y
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 from . import comm
 from .config import PartitionConfig, parse_partition_config
 from .groups import ParallelGroups, build_groups, groups_from_mesh, groups_from_tp_group
-from .layers import (ColumnParallelEmbeddingMixin, ColumnParallelLinear, RowParallelLinear, TPExpertsMixin,
+from .layers import (KERNELS, ColumnParallelEmbeddingMixin, ColumnParallelLinear, RowParallelLinear, TPExpertsMixin,
                      VocabParallelEmbeddingMixin, mix_into)
 from .plan import (Action, ModelDims, PlanError, Target, build_rules, format_plan, model_dims, resolve_plan,
                    rules_from_tp_plan)
@@ -282,8 +282,18 @@ def _check_family(model: nn.Module, dims: ModelDims, tp: int) -> None:
                             "forward; set config.slow_but_exact = False to train it with autotp")
 
 
+def set_kernels(model: nn.Module, kernels: str) -> None:
+    """GEMM implementation of every TP linear layer. `auto` resolves to `torch` until the H200 measurements of
+    the fused kernels decide per shape; `triton` runs forward, dgrad and wgrad on autotp_kernels' GEMM."""
+    resolved = "torch" if kernels == "auto" else kernels
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            module.kernels = resolved
+
+
 def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, preset_model: Optional[str] = None,
-                partition_config: Any = None, device_mesh=None, verbose: bool = True) -> nn.Module:
+                partition_config: Any = None, device_mesh=None, verbose: bool = True,
+                kernels: str = "auto") -> nn.Module:
     """Shard `model` in place over the TP group and return it.
 
     `partition_config` is DeepSpeed's `partition_config` (dict or `PartitionConfig`) or an HF-style tp_plan
@@ -291,6 +301,8 @@ def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, 
     """
     if getattr(model, "autotp_state", None) is not None:
         raise PlanError("model is already parallelized by autotp")
+    if kernels not in KERNELS:
+        raise PlanError(f"kernels '{kernels}' is unknown; choose one of {list(KERNELS)}")
     if preset_model is not None and preset_model.lower() not in PRESETS:
         raise PlanError(f"preset_model '{preset_model}' is unknown; known: {sorted(PRESETS)}")
     groups = _resolve_groups(tp_size, tp_group, device_mesh)
@@ -317,6 +329,7 @@ def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, 
             shape = sharder.apply(action, modules)
             if shape is not None:
                 local_shapes[name] = shape
+    set_kernels(model, kernels)
     state = TPState(groups, actions, source, dims, sharder.hooks)
     model.autotp_state = state
     if groups.tp_size > 1:

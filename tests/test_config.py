@@ -185,6 +185,13 @@ def test_zero_section_errors_name_the_key(zero, key, value):
     assert _named(key, value) in _raises({**_BASE, "zero_optimization": zero})
 
 
+def test_kernels_key():
+    assert parse_config({**_BASE, "tensor_parallel": {"kernels": "triton"}}, 1).tensor_parallel.kernels == "triton"
+    assert parse_config(_BASE, 1).tensor_parallel.kernels == "auto"
+    config = {**_BASE, "tensor_parallel": {"kernels": "cutlass"}}
+    assert _named("tensor_parallel.kernels", "cutlass") in _raises(config)
+
+
 def test_communication_data_type_error():
     config = {**_BASE, "communication_data_type": "int8"}
     assert _named("communication_data_type", "int8") in _raises(config)
