@@ -12,9 +12,10 @@ from .plan import PlanError
 from .presets import PRESETS
 from .replace import parallelize
 from .resume import CheckpointError
+from .vocab_parallel import enable_vocab_parallel_loss, full_logits
 
 __version__ = "0.1.0"
 
 __all__ = ["initialize", "parallelize", "init_distributed", "set_autotp_mode", "tp_model_init", "Engine",
            "ConfigError", "PlanError", "CheckpointError", "AutoTPConfig", "parse_config", "consolidated_state_dict",
-           "save_pretrained", "PRESETS", "__version__"]
+           "save_pretrained", "enable_vocab_parallel_loss", "full_logits", "PRESETS", "__version__"]

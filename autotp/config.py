@@ -25,7 +25,7 @@ _TOP_KEYS = {
     "bf16", "fp16", "zero_optimization", "optimizer", "scheduler", "tensor_parallel", "steps_per_print", "seed",
     "communication_data_type",
 }
-_TP_KEYS = {"autotp_size", "preset_model", "partition_config", "tp_size", "kernels"}
+_TP_KEYS = {"autotp_size", "preset_model", "partition_config", "tp_size", "kernels", "vocab_parallel_loss"}
 _PARTITION_KEYS = {"use_default_specs", "strict_mode", "layer_specs"}
 _SPEC_KEYS = {"patterns", "partition_type", "shape", "partition_dim", "model_types", "gather_output",
               "grad_allreduce"}
@@ -204,6 +204,8 @@ class TensorParallelConfig:
     partition_config: Optional[PartitionConfig] = None
     kernels: str = "auto"
     """GEMMs of the TP layers: `torch`, `triton` (autotp_kernels), or `auto` (torch until measurements pick)."""
+    vocab_parallel_loss: bool = False
+    """Keep the LM head's logits split over the vocabulary and compute the loss vocab-parallel (no full logits)."""
 
 
 @dataclass
@@ -330,7 +332,8 @@ def _parse_tensor_parallel(d: dict, unused: list) -> TensorParallelConfig:
         _fail("tensor_parallel.kernels", kernels, "must be one of ['auto', 'torch', 'triton']")
     return TensorParallelConfig(autotp_size=size, preset_model=preset,
                                 partition_config=parse_partition_config(raw.get("partition_config")),
-                                kernels=kernels)
+                                kernels=kernels,
+                                vocab_parallel_loss=_get_bool(raw, "vocab_parallel_loss", "tensor_parallel.", False))
 
 
 def _parse_named_section(d: dict, key: str, allowed) -> Optional[Any]:

@@ -29,6 +29,7 @@ from .groups import ParallelGroups, build_groups, groups_from_mesh, groups_from_
 from .loss_scaler import LossScaler
 from .optim import build_optimizer, build_scheduler
 from .replace import parallelize, set_kernels
+from .vocab_parallel import enable_vocab_parallel_loss
 from .zero.partitioned import PartitionedState
 from .zero.replicated import ReplicatedState
 
@@ -296,10 +297,16 @@ def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=N
         tp = cfg.tensor_parallel
         parallelize(model, tp_group=groups.tp_group if groups.tp_size > 1 else None, tp_size=groups.tp_size,
                     preset_model=tp.preset_model, partition_config=tp.partition_config,
-                    device_mesh=groups.device_mesh, kernels=tp.kernels)
+                    device_mesh=groups.device_mesh, kernels=tp.kernels, vocab_parallel=tp.vocab_parallel_loss)
         model.autotp_state.groups = groups
     elif "kernels" in (raw.get("tensor_parallel") or {}):
         set_kernels(model, cfg.tensor_parallel.kernels)  # tp_model_init sharded it; the config picks GEMMs
+    if cfg.tensor_parallel.vocab_parallel_loss and groups.tp_size > 1 and state is not None:
+        try:  # sharded by tp_model_init / parallelize without it: works if its LM head is vocab-split
+            enable_vocab_parallel_loss(model)
+        except ValueError as err:  # the same model on every rank: every rank raises this
+            raise ConfigError(f"config key 'tensor_parallel.vocab_parallel_loss' = True: {err}; call "
+                              "autotp.parallelize(..., vocab_parallel=True)") from None
     device = _device_for_run()
     dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
     model.to(device)

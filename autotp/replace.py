@@ -8,6 +8,7 @@ full tensor back under the original name. Parameter names never change: a swappe
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -19,7 +20,7 @@ from .config import PartitionConfig, parse_partition_config
 from .groups import ParallelGroups, build_groups, groups_from_mesh, groups_from_tp_group
 from .layers import (KERNELS, ColumnParallelEmbeddingMixin, ColumnParallelLinear, RowParallelLinear, TPExpertsMixin,
                      VocabParallelEmbeddingMixin, mix_into)
-from .plan import (Action, ModelDims, PlanError, Target, build_rules, format_plan, model_dims, resolve_plan,
+from .plan import (Action, ModelDims, PlanError, Rule, Target, build_rules, format_plan, model_dims, resolve_plan,
                    rules_from_tp_plan)
 from .presets import ATTENTION_ATTRIBUTES, FAMILY_OPTIONS, PRESETS
 from .shard import ShardLayout, shard_tensor
@@ -282,6 +283,20 @@ def _check_family(model: nn.Module, dims: ModelDims, tp: int) -> None:
                             "forward; set config.slow_but_exact = False to train it with autotp")
 
 
+def _vocab_parallel_rules(model: nn.Module) -> list:
+    """Rules, ahead of the plan's own, that split the LM head (no output gather) and the input embedding over
+    the vocabulary; a tied pair gets the same shard."""
+    names = {id(module): name for name, module in model.named_modules()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or id(head) not in names:
+        raise PlanError(f"vocab_parallel: {type(model).__name__} has no output embeddings (LM head) to split")
+    rules = [Rule(re.escape(names[id(head)]), "column", {}, "vocab_parallel", match="full")]
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embedding, nn.Embedding) and id(embedding) in names:
+        rules.append(Rule(re.escape(names[id(embedding)]), "vocab", {}, "vocab_parallel", match="full"))
+    return rules
+
+
 def set_kernels(model: nn.Module, kernels: str) -> None:
     """GEMM implementation of every TP linear layer. `auto` resolves to `torch` until the H200 measurements of
     the fused kernels decide per shape; `triton` runs forward, dgrad and wgrad on autotp_kernels' GEMM."""
@@ -293,7 +308,7 @@ def set_kernels(model: nn.Module, kernels: str) -> None:
 
 def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, preset_model: Optional[str] = None,
                 partition_config: Any = None, device_mesh=None, verbose: bool = True,
-                kernels: str = "auto") -> nn.Module:
+                kernels: str = "auto", vocab_parallel: bool = False) -> nn.Module:
     """Shard `model` in place over the TP group and return it.
 
     `partition_config` is DeepSpeed's `partition_config` (dict or `PartitionConfig`) or an HF-style tp_plan
@@ -318,6 +333,8 @@ def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, 
             else partition_config
         strict = bool(partition and partition.strict_mode)
         rules, source = build_rules(model, targets, dims, preset_model and preset_model.lower(), partition)
+    if vocab_parallel:
+        rules = _vocab_parallel_rules(model) + rules
     actions = resolve_plan(targets, rules, dims, groups.tp_size, strict=strict)
     _check_family(model, dims, groups.tp_size)
 
@@ -332,6 +349,10 @@ def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, 
     set_kernels(model, kernels)
     state = TPState(groups, actions, source, dims, sharder.hooks)
     model.autotp_state = state
+    if vocab_parallel and groups.tp_size > 1:
+        from .vocab_parallel import enable_vocab_parallel_loss
+
+        enable_vocab_parallel_loss(model)
     if groups.tp_size > 1:
         _localise_attention(model, actions, dims, groups.tp_size, state.hooks)
     if verbose and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
