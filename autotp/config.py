@@ -25,7 +25,8 @@ _TOP_KEYS = {
     "bf16", "fp16", "zero_optimization", "optimizer", "scheduler", "tensor_parallel", "steps_per_print", "seed",
     "communication_data_type",
 }
-_TP_KEYS = {"autotp_size", "preset_model", "partition_config", "tp_size", "kernels", "vocab_parallel_loss"}
+_TP_KEYS = {"autotp_size", "preset_model", "partition_config", "tp_size", "kernels", "vocab_parallel_loss",
+            "sequence_parallel"}
 _PARTITION_KEYS = {"use_default_specs", "strict_mode", "layer_specs"}
 _SPEC_KEYS = {"patterns", "partition_type", "shape", "partition_dim", "model_types", "gather_output",
               "grad_allreduce"}
@@ -206,6 +207,8 @@ class TensorParallelConfig:
     """GEMMs of the TP layers: `torch`, `triton` (autotp_kernels), or `auto` (torch until measurements pick)."""
     vocab_parallel_loss: bool = False
     """Keep the LM head's logits split over the vocabulary and compute the loss vocab-parallel (no full logits)."""
+    sequence_parallel: bool = False
+    """Split activations over the sequence between TP regions (norms, residuals, dropout on 1/tp of it)."""
 
 
 @dataclass
@@ -333,7 +336,8 @@ def _parse_tensor_parallel(d: dict, unused: list) -> TensorParallelConfig:
     return TensorParallelConfig(autotp_size=size, preset_model=preset,
                                 partition_config=parse_partition_config(raw.get("partition_config")),
                                 kernels=kernels,
-                                vocab_parallel_loss=_get_bool(raw, "vocab_parallel_loss", "tensor_parallel.", False))
+                                vocab_parallel_loss=_get_bool(raw, "vocab_parallel_loss", "tensor_parallel.", False),
+                                sequence_parallel=_get_bool(raw, "sequence_parallel", "tensor_parallel.", False))
 
 
 def _parse_named_section(d: dict, key: str, allowed) -> Optional[Any]:

@@ -297,7 +297,8 @@ def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=N
         tp = cfg.tensor_parallel
         parallelize(model, tp_group=groups.tp_group if groups.tp_size > 1 else None, tp_size=groups.tp_size,
                     preset_model=tp.preset_model, partition_config=tp.partition_config,
-                    device_mesh=groups.device_mesh, kernels=tp.kernels, vocab_parallel=tp.vocab_parallel_loss)
+                    device_mesh=groups.device_mesh, kernels=tp.kernels, vocab_parallel=tp.vocab_parallel_loss,
+                    sequence_parallel=tp.sequence_parallel)
         model.autotp_state.groups = groups
     elif "kernels" in (raw.get("tensor_parallel") or {}):
         set_kernels(model, cfg.tensor_parallel.kernels)  # tp_model_init sharded it; the config picks GEMMs

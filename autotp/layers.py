@@ -50,6 +50,8 @@ class _ParallelLinear(nn.Module):
         self.tp_rank = tp_rank
         self.conv1d = conv1d
         self.kernels = "torch"
+        self.sequence_parallel = False
+        """Inside a sequence-parallel region: the region gathers the input and reduce-scatters the output."""
         """GEMM implementation: `torch` (cuBLAS / CPU BLAS) or `triton` (autotp_kernels); set by `parallelize`."""
         self.full_in_features = full_in
         self.full_out_features = full_out
@@ -86,7 +88,8 @@ class ColumnParallelLinear(_ParallelLinear):
             self.gather_order = None
 
     def forward(self, x):
-        x = comm.copy_to_tp(x, self.tp_group)
+        if not self.sequence_parallel:  # with it, the region's sequence gather reduces the input gradient
+            x = comm.copy_to_tp(x, self.tp_group)
         y_shard_n = _linear(x, self.weight, self.bias, self.conv1d, self.kernels)
         if not self.gather_output:
             return y_shard_n
@@ -119,6 +122,12 @@ class RowParallelLinear(_ParallelLinear):
             else:
                 x = comm.copy_to_tp(x, self.tp_group).index_select(-1, self.input_index)
         y_partial = _linear(x, self.weight, None, self.conv1d, self.kernels)
+        if self.sequence_parallel:
+            # The region reduce-scatters the partial sums; the bias joins once, from TP rank 0 (the product keeps
+            # it in every rank's graph so its gradient all-reduce runs everywhere).
+            if self.bias is None:
+                return y_partial
+            return y_partial + self.bias * (1.0 if self.tp_rank == 0 else 0.0)
         y = comm.reduce_from_tp(y_partial, self.tp_group)
         return y + self.bias if self.bias is not None else y
 

@@ -308,7 +308,7 @@ def set_kernels(model: nn.Module, kernels: str) -> None:
 
 def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, preset_model: Optional[str] = None,
                 partition_config: Any = None, device_mesh=None, verbose: bool = True,
-                kernels: str = "auto", vocab_parallel: bool = False) -> nn.Module:
+                kernels: str = "auto", vocab_parallel: bool = False, sequence_parallel: bool = False) -> nn.Module:
     """Shard `model` in place over the TP group and return it.
 
     `partition_config` is DeepSpeed's `partition_config` (dict or `PartitionConfig`) or an HF-style tp_plan
@@ -353,6 +353,13 @@ def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, 
         from .vocab_parallel import enable_vocab_parallel_loss
 
         enable_vocab_parallel_loss(model)
+    if sequence_parallel and groups.tp_size > 1:
+        from .sequence_parallel import enable_sequence_parallel
+
+        try:
+            enable_sequence_parallel(model, groups.tp_group)
+        except ValueError as err:
+            raise PlanError(f"sequence_parallel: {err}") from None
     if groups.tp_size > 1:
         _localise_attention(model, actions, dims, groups.tp_size, state.hooks)
     if verbose and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):

@@ -44,13 +44,13 @@ def _reference(family: str, dp: int, gas: int):
     return model.state_dict(), norms
 
 
-def _train(family: str, tp: int, dp: int, stage: int, gas: int):
+def _train(family: str, tp: int, dp: int, stage: int, gas: int, tp_options: dict = None):
     import autotp
 
     model = tiny_model(family)
     optimizer = torch.optim.AdamW(_param_groups(model), lr=LR, eps=1e-3)
     config = {"train_batch_size": MICRO * gas * dp, "train_micro_batch_size_per_gpu": MICRO,
-              "gradient_clipping": CLIP, "tensor_parallel": {"autotp_size": tp},
+              "gradient_clipping": CLIP, "tensor_parallel": {"autotp_size": tp, **(tp_options or {})},
               "zero_optimization": {"stage": stage, "reduce_bucket_size": BUCKET, "allgather_bucket_size": 1000}}
     engine, _, _, _ = autotp.initialize(model=model, optimizer=optimizer, config=config)
     norms = []
