@@ -24,6 +24,15 @@ PRESET_OF = {"gemma3_text": "gemma3"}
 LR = 0.1
 
 
+def sgd_step(*modules) -> None:
+    """One plain SGD step (lr LR) on every module: the dense/TP comparisons step both the same way."""
+    with torch.no_grad():
+        for module in modules:
+            for param in module.parameters():
+                if param.grad is not None:
+                    param.sub_(LR * param.grad)
+
+
 def _compare_family(family: str, mode: str, tp: int, device: str = "cpu") -> dict:
     """Dense vs TP on `device` (tests/gpu/nccl_core_check.py runs it on CUDA); results on global rank 0."""
     import autotp
@@ -38,11 +47,7 @@ def _compare_family(family: str, mode: str, tp: int, device: str = "cpu") -> dic
     loss_tp = model(input_ids=ids, labels=ids).loss
     loss_dense.backward()
     loss_tp.backward()
-    with torch.no_grad():
-        for module in (dense, model):
-            for param in module.parameters():
-                if param.grad is not None:
-                    param.sub_(LR * param.grad)
+    sgd_step(dense, model)
     full = autotp.consolidated_state_dict(model)
     result = {"source": source, "loss_dense": float(loss_dense), "loss_tp": float(loss_tp)}
     if full is not None:

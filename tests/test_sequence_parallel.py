@@ -13,7 +13,7 @@ import torch
 
 from dist_utils import run_distributed
 from families import batch, tiny_model
-from test_families import LR
+from test_families import sgd_step
 
 FAMILIES = ["llama", "qwen3", "gemma2", "gpt2"]
 
@@ -41,11 +41,7 @@ def _compare(rank, world_size, family, seq, vocab_parallel):
     ref.loss.backward()
     if norm_hook is not None:
         norm_hook.remove()
-    with torch.no_grad():
-        for module in (dense, model):
-            for param in module.parameters():
-                if param.grad is not None:
-                    param.sub_(LR * param.grad)
+    sgd_step(dense, model)
     return dict(loss=out.loss.detach(), ref=ref.loss.detach(), shapes=shapes,
                 full=autotp.consolidated_state_dict(model), dense=dense.state_dict())
 
@@ -73,7 +69,6 @@ def test_sequence_parallel_matches_dense(family, world_size):
 
 
 def _engine_runs(rank, world_size, ckpt_dir):
-    import autotp
     from test_zero import _train
 
     out = {}

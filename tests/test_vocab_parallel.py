@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from dist_utils import run_distributed
 from families import VOCAB, batch, tiny_model
-from test_families import LR
+from test_families import sgd_step
 
 FAMILIES = ["llama", "qwen3", "gemma2", "gpt2"]  # gemma2 and gpt2 tie the LM head to the embedding
 
@@ -77,11 +77,7 @@ def _model_level(rank, world_size, family):
     ref_items = dense(input_ids=ids, labels=labels, num_items_in_batch=items).loss.detach()
     with autotp.full_logits(model), torch.no_grad():
         gathered = model(input_ids=ids).logits
-    with torch.no_grad():
-        for module in (dense, model):
-            for param in module.parameters():
-                if param.grad is not None:
-                    param.sub_(LR * param.grad)
+    sgd_step(dense, model)
     full = autotp.consolidated_state_dict(model)
     return dict(loss=out.loss.detach(), ref=ref.loss.detach(), items=loss_items, ref_items=ref_items,
                 local_vocab=out.logits.shape[-1], saved_vocab=max(s[-1] for s in largest if len(s) > 1),
