@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .checkpoint import _raise_everywhere
+from .checkpoint import _global_rank, _raise_everywhere
 from .shard import Block, ShardLayout, local_shape, shard_tensor, unshard_tensor
 
 logger = logging.getLogger("autotp")
@@ -44,12 +44,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged, or does not fit this model; the message names the file or key."""
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+def _all_ranks(value) -> list:
+    """Every rank's `value`, in rank order (all_gather_object; just [value] without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _fsync_dir(path: str) -> None:
@@ -115,11 +116,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _same_everywhere(value, what: str):
-    values = [None] * _world()
-    if _world() > 1:
-        dist.all_gather_object(values, value)
-    else:
-        values = [value]
+    values = _all_ranks(value)
     if any(v != values[0] for v in values):
         raise CheckpointError(f"{what} differs between ranks: {values}; pass the same value on every rank")
     return values[0]
@@ -148,7 +145,7 @@ def save_checkpoint(engine, save_dir: str, tag: Optional[str] = None, client_sta
     final = os.path.join(save_dir, tag)
     partial = os.path.join(save_dir, f".{tag}.partial")
     error = None
-    if _rank() == 0:
+    if _global_rank() == 0:
         try:
             os.makedirs(save_dir, exist_ok=True)
             for name in os.listdir(save_dir):  # left behind by crashed saves: never loadable, only space
@@ -164,16 +161,12 @@ def save_checkpoint(engine, save_dir: str, tag: Optional[str] = None, client_sta
         for name, obj in _files_of_this_rank(engine, client_state or {}):
             sizes[name] = _write(obj, os.path.join(partial, name))
     except Exception as err:  # every rank learns of it below instead of waiting at the next collective
-        error = f"save_checkpoint on rank {_rank()} failed writing into '{partial}': {err!r}"
-    gathered = [None] * _world()
-    if _world() > 1:
-        dist.all_gather_object(gathered, (error, sizes))
-    else:
-        gathered = [(error, sizes)]
+        error = f"save_checkpoint on rank {_global_rank()} failed writing into '{partial}': {err!r}"
+    gathered = _all_ranks((error, sizes))
     _raise_everywhere(next((e for e, _ in gathered if e), None))
 
     error = None
-    if _rank() == 0:
+    if _global_rank() == 0:
         try:
             files = {}
             for _, rank_sizes in gathered:
@@ -208,8 +201,8 @@ def _files_of_this_rank(engine, client_state: dict):
         yield f"model_tp{tp_rank:02d}.pt", model
     if store.writes_optimizer_file():
         yield f"optim_tp{tp_rank:02d}_dp{dp_rank:02d}.pt", _optimizer_payload(engine)
-    yield f"rng_rank{_rank():05d}.pt", _rng_state()
-    if _rank() == 0:
+    yield f"rng_rank{_global_rank():05d}.pt", _rng_state()
+    if _global_rank() == 0:
         yield "engine.pt", _engine_payload(engine, client_state)
 
 
@@ -334,7 +327,7 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None, load_modul
             engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
         same_layout = (meta["tp_size"], meta["dp_size"]) == (engine.groups.tp_size, engine.groups.dp_size)
         if same_layout:
-            _set_rng_state(reader(f"rng_rank{_rank():05d}.pt"))
+            _set_rng_state(reader(f"rng_rank{_global_rank():05d}.pt"))
         else:
             logger.warning("autotp: checkpoint saved at TP %d x DP %d, loaded at TP %d x DP %d: model and "
                            "optimizer resharded; RNG states not restored", meta["tp_size"], meta["dp_size"],

@@ -153,8 +153,7 @@ def measure_deepspeed(args, engine, batch, timer):
     optimizer = engine.optimizer
 
     def backward(sync: bool):
-        loss = engine(input_ids=batch, labels=batch)
-        loss = loss.loss
+        loss = engine(input_ids=batch, labels=batch).loss
         timer.sync()
         start = time.perf_counter()
         engine.backward(loss)
