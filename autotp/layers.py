@@ -59,6 +59,21 @@ class _ParallelLinear(nn.Module):
         self.in_features = weight.shape[0] if conv1d else weight.shape[1]
         self.out_features = weight.shape[1] if conv1d else weight.shape[0]
 
+    def _fused_gemm(self, x: torch.Tensor, comm_bytes: int) -> Optional[str]:
+        """The GEMM to run under a fused collective (`cublas` or `triton`), or None for GEMM then NCCL.
+
+        Fused needs CUDA and a TP group of 2-8 ranks; `auto` fuses from TUNING.min_bytes of traffic up, where
+        bench/results/tp_overlap.md measured fusing to win, `triton` always."""
+        if self.kernels == "torch" or not x.is_cuda or self.layout.tp_size == 1:
+            return None
+        from autotp_kernels import fused, symm  # imported on use: triton is only needed for this path
+
+        if not symm.available(self.tp_group):
+            return None
+        if self.kernels == "auto" and comm_bytes < fused.TUNING.min_bytes:
+            return None
+        return "triton" if self.kernels == "triton" else "cublas"
+
     def extra_repr(self) -> str:
         return (f"{type(self).__name__.replace('ParallelLinear', '').lower()}: tp_rank={self.tp_rank}/"
                 f"{self.layout.tp_size}, local={tuple(self.weight.shape)}, unsharded_in={self.full_in_features}, "
@@ -88,6 +103,12 @@ class ColumnParallelLinear(_ParallelLinear):
             self.gather_order = None
 
     def forward(self, x):
+        gemm = None if self.sequence_parallel else self._fused_gemm(x, x.numel() * x.element_size())
+        if gemm is not None and not self.gather_output:
+            from autotp_kernels.tp_linear import ColumnLinearGradAllReduce
+
+            # The input gradient's all-reduce runs inside its GEMM, the weight gradient under its tail.
+            return ColumnLinearGradAllReduce.apply(x, self.weight, self.bias, self.conv1d, self.tp_group, gemm)
         if not self.sequence_parallel:  # with it, the region's sequence gather reduces the input gradient
             x = comm.copy_to_tp(x, self.tp_group)
         y_shard_n = _linear(x, self.weight, self.bias, self.conv1d, self.kernels)
@@ -121,6 +142,13 @@ class RowParallelLinear(_ParallelLinear):
                 x = comm.split_to_tp(x, self.tp_group, self.split_sizes)
             else:
                 x = comm.copy_to_tp(x, self.tp_group).index_select(-1, self.input_index)
+        if not self.sequence_parallel:
+            gemm = self._fused_gemm(x, x[..., :1].numel() * self.out_features * x.element_size())
+            if gemm is not None:
+                from autotp_kernels.tp_linear import RowLinearAllReduce
+
+                y = RowLinearAllReduce.apply(x, self.weight, self.conv1d, self.tp_group, gemm)
+                return y + self.bias if self.bias is not None else y
         y_partial = _linear(x, self.weight, None, self.conv1d, self.kernels)
         if self.sequence_parallel:
             # The region reduce-scatters the partial sums; the bias joins once, from TP rank 0 (the product keeps

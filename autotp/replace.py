@@ -298,12 +298,12 @@ def _vocab_parallel_rules(model: nn.Module) -> list:
 
 
 def set_kernels(model: nn.Module, kernels: str) -> None:
-    """GEMM implementation of every TP linear layer. `auto` resolves to `torch` until the H200 measurements of
-    the fused kernels decide per shape; `triton` runs forward, dgrad and wgrad on autotp_kernels' GEMM."""
-    resolved = "torch" if kernels == "auto" else kernels
+    """GEMM implementation of every TP linear layer: `torch` (cuBLAS, then NCCL), `triton` (autotp_kernels' GEMM,
+    collectives fused into it on CUDA), `auto` (cuBLAS with the fused collectives where the layer's traffic is
+    large enough for fusing to pay, see `_ParallelLinear._fused_gemm`)."""
     for module in model.modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-            module.kernels = resolved
+            module.kernels = kernels
 
 
 def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, preset_model: Optional[str] = None,

@@ -1,0 +1,138 @@
+"""Peer-to-peer workspace for the fused GEMM + collective kernels: one per (TP group, device).
+
+One symmetric-memory allocation per rank (PyTorch `symm_mem`, peer-to-peer mappings only, no multicast) holds
+  [ flags: FLAG_WORDS int32 | data, parity 0 | data, parity 1 ]
+and every rank maps every peer's allocation, so a kernel reads or signals a peer with plain loads and
+system-scope atomics.
+
+Synchronisation is by epochs, never by resets: each fused op takes the next epoch e, writes its flags with the
+value e and waits for `flag >= e`. Data buffers alternate by the parity of e. That is safe without an extra
+barrier because during op e+1 every rank observes, from every peer, a flag the peer raised after it finished all
+of op e (each op's side streams join the compute stream before the next op starts), so when op e+2 overwrites
+parity e % 2 nobody still reads it.
+
+Flag words (int32, in each rank's own allocation; written by the rank named):
+  READY[q * MAX_CHUNKS + c]  rank q finished its partial GEMM of chunk c
+  RDONE[c * MAX_CTAS + k]    the owner of chunk c reduced block set k of it (all-reduce's gather phase)
+  XREADY[q]                  rank q's input shard is in its buffer (all-gather + GEMM)
+  ERROR                      a wait on this rank timed out (a peer never arrived); read by `check_errors`
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+MAX_RANKS = 8
+MAX_CHUNKS = 64
+MAX_CTAS = 64
+READY_OFF = 0
+RDONE_OFF = READY_OFF + MAX_RANKS * MAX_CHUNKS
+XREADY_OFF = RDONE_OFF + MAX_CHUNKS * MAX_CTAS
+ERROR_OFF = XREADY_OFF + MAX_RANKS
+FLAG_WORDS = ERROR_OFF + 64  # padded: data starts 256-byte aligned
+FLAG_BYTES = FLAG_WORDS * 4
+
+_workspaces: dict = {}
+_retired: list = []  # outgrown workspaces stay mapped: a slower peer may still read them
+
+
+class FusedCommError(RuntimeError):
+    """A fused TP collective timed out waiting for a peer (the peer failed or never reached the same op)."""
+
+
+class Workspace:
+    def __init__(self, group, device: torch.device, data_bytes: int):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.group = group
+        self.group_name = group.group_name
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if self.world > MAX_RANKS:
+            raise ValueError(f"fused TP kernels support up to {MAX_RANKS} ranks per TP group, got {self.world}")
+        self.device = device
+        self.data_bytes = -(-data_bytes // 256) * 256
+        total = FLAG_BYTES + 2 * self.data_bytes
+        self.buffer = symm_mem.empty(total, dtype=torch.uint8, device=device)
+        self.buffer[:FLAG_BYTES].zero_()
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by torch <= 2.8, a deprecated no-op later
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                symm_mem.enable_symm_mem_for_group(self.group_name)
+        self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
+        # Every rank's flags are zero before any rank signals into them.
+        self.handle.barrier(channel=0)
+        peers = [self.handle.get_buffer(q, (total,), torch.uint8) for q in range(self.world)]
+        self.flags = [p[:FLAG_BYTES].view(torch.int32) for p in peers]
+        self.data = [[p[FLAG_BYTES + i * self.data_bytes:FLAG_BYTES + (i + 1) * self.data_bytes] for p in peers]
+                     for i in range(2)]
+        self.flag_table = torch.tensor([f.data_ptr() for f in self.flags], dtype=torch.int64, device=device)
+        self.data_tables = [torch.tensor([d.data_ptr() for d in self.data[i]], dtype=torch.int64, device=device)
+                            for i in range(2)]
+        self.epoch = 0
+        self.comm_stream = torch.cuda.Stream(device=device, priority=-1)
+        self.copy_stream = torch.cuda.Stream(device=device, priority=-1)
+        self.pending: Optional[torch.cuda.Event] = None
+
+    def next_epoch(self) -> int:
+        self.join()
+        self.epoch += 1
+        return self.epoch
+
+    def data_view(self, rank: int, epoch: int, shape, dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        return self.data[epoch % 2][rank][:nbytes].view(dtype).view(shape)
+
+    def defer_join(self, event: torch.cuda.Event) -> None:
+        """The op's side-stream work ends at `event`; the compute stream waits before the next op (or `join`)."""
+        self.pending = event
+
+    def join(self) -> None:
+        if self.pending is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.pending)
+            self.pending = None
+
+    def check(self) -> None:
+        code = int(self.flags[self.rank][ERROR_OFF].item())
+        if code:
+            raise FusedCommError(
+                f"fused TP collective on group '{self.group_name}' (rank {self.rank} of {self.world}) timed out "
+                f"waiting for a peer (code {code}: 1 chunk ready, 2 reduced chunk, 3 input shard); a peer rank "
+                "failed or did not run the same layer")
+
+
+def workspace(group, device: torch.device, data_bytes: int) -> Workspace:
+    """The group's workspace, grown (collectively: every rank asks for the same sizes in the same order)."""
+    key = (group.group_name, device.index)
+    ws = _workspaces.get(key)
+    if ws is None or ws.data_bytes < data_bytes:
+        if ws is not None:
+            ws.join()
+            _retired.append(ws)
+            data_bytes = max(data_bytes, 2 * ws.data_bytes)
+        ws = Workspace(group, device, data_bytes)
+        _workspaces[key] = ws
+    return ws
+
+
+def check_errors() -> None:
+    """Raise FusedCommError if a fused collective on this rank timed out (reads one flag per workspace)."""
+    for ws in list(_workspaces.values()) + _retired:
+        ws.check()
+
+
+def available(group) -> bool:
+    """Symmetric memory can be used for this group: CUDA, torch with symm_mem, more than one rank."""
+    if group is None or not dist.is_initialized() or not torch.cuda.is_available():
+        return False
+    if dist.get_world_size(group) < 2 or dist.get_world_size(group) > MAX_RANKS:
+        return False
+    return importlib.util.find_spec("torch.distributed._symmetric_memory") is not None

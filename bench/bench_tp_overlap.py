@@ -1,0 +1,261 @@
+"""GEMM + TP collective: cuBLAS alone, collective alone, cuBLAS then NCCL, PyTorch symm_mem fused ops, autotp fused.
+
+    torchrun --standalone --nproc_per_node=4 bench/bench_tp_overlap.py --out bench/results [--gemm-check] [--sweep]
+
+Cases: Llama-3-8B and -70B projections at this world size (QKV, O, gate/up, down), tokens M in {4096, 8192,
+16384}, bf16:
+  row layers (O, down):         AR  forward GEMM + all-reduce         RS  sequence-parallel GEMM + reduce-scatter
+  column layers (QKV, gate/up): AR  backward dgrad + all-reduce       AG  sequence-parallel all-gather + GEMM
+plus the down projection at small M (512-2048) to find where fusing starts to pay (`TUNING.min_bytes`).
+Times are medians over trials of back-to-back launches, the slowest rank's; overlap efficiency is
+(sequential - fused) / (sequential - max(GEMM, collective)). --gemm-check times the Triton GEMM against cuBLAS
+on the 8B shapes (forward, dgrad, wgrad); --sweep times the reduction kernel's width and the chunk size.
+Writes tp_overlap_w{W}.csv (+ tp_overlap_gemm.csv, tp_overlap_sweep.csv) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import triton  # noqa: E402
+
+from autotp_kernels import fused, matmul  # noqa: E402
+
+MODELS = {  # hidden, intermediate, q heads, kv heads (head_dim 128)
+    "llama3-8b": (4096, 14336, 32, 8),
+    "llama3-70b": (8192, 28672, 64, 8),
+}
+
+
+def projections(model):
+    h, inter, heads, kv = MODELS[model]
+    return [("qkv", "col", h, (heads + 2 * kv) * 128), ("o", "row", heads * 128, h),
+            ("gate_up", "col", h, 2 * inter), ("down", "row", inter, h)]
+
+
+HOST_MS = {}
+
+
+def timeit(fn, budget_ms=60.0, trials=5):
+    """Median ms per call over `trials` runs of back-to-back calls, the slowest rank's. HOST_MS["last"] is the
+    host time to issue one call (the launch overhead a training step pays on the CPU)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    iters = max(3, min(50, int(budget_ms / max(start.elapsed_time(end), 1e-3))))
+    times = []
+    for _ in range(trials):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start.record()
+        host = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        HOST_MS["last"] = (time.perf_counter() - host) * 1e3 / iters
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    t = torch.tensor([statistics.median(times)], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _symm_group_name(group):
+    import torch.distributed._symmetric_memory as symm_mem
+
+    name = group.group_name
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            symm_mem.enable_symm_mem_for_group(name)
+    return name
+
+
+def run_case(group, op, M, K, N, dtype, with_triton):
+    """One case; K, N are the local GEMM's (already divided by the world where the layer is sharded)."""
+    world = dist.get_world_size()
+    gen = torch.Generator(device="cuda").manual_seed(dist.get_rank())
+    r = {}
+    if op in ("AR", "RS"):
+        a = torch.randn(M, K, device="cuda", generator=gen).to(dtype)
+        b = torch.randn(K, N, device="cuda", generator=gen).to(dtype) * 0.05
+        y = torch.empty(M, N, device="cuda", dtype=dtype)
+        piece = torch.empty(M // world, N, device="cuda", dtype=dtype)
+        a3 = a.unsqueeze(0)
+        r["gemm"] = timeit(lambda: torch.mm(a, b, out=y))
+        if op == "AR":
+            r["coll"] = timeit(lambda: dist.all_reduce(y, group=group))
+            r["seq"] = timeit(lambda: (torch.mm(a, b, out=y), dist.all_reduce(y, group=group)))
+            r["fused"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group))
+            r["fused_host"] = HOST_MS["last"]
+            if with_triton:
+                r["fused_triton"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group, gemm="triton"))
+        else:
+            r["coll"] = timeit(lambda: dist.reduce_scatter_tensor(piece, y, group=group))
+            r["seq"] = timeit(lambda: (torch.mm(a, b, out=y), dist.reduce_scatter_tensor(piece, y, group=group)))
+            name = _symm_group_name(group)
+            try:
+                r["symm"] = timeit(lambda: torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, name))
+            except Exception as error:  # noqa: BLE001 - recorded, the row still has the other columns
+                print(f"symm_mem fused_matmul_reduce_scatter failed: {error}", flush=True)
+            r["fused"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group, scatter=True))
+            r["fused_host"] = HOST_MS["last"]
+    else:  # AG: x_shard [M/W, K] gathered, times w [K, N]
+        x = torch.randn(M // world, K, device="cuda", generator=gen).to(dtype)
+        w = torch.randn(K, N, device="cuda", generator=gen).to(dtype) * 0.05
+        x_full = torch.empty(M, K, device="cuda", dtype=dtype)
+        y = torch.empty(M, N, device="cuda", dtype=dtype)
+        x3 = x.unsqueeze(0)
+        r["gemm"] = timeit(lambda: torch.mm(x_full, w, out=y))
+        r["coll"] = timeit(lambda: dist.all_gather_into_tensor(x_full, x, group=group))
+        r["seq"] = timeit(lambda: (dist.all_gather_into_tensor(x_full, x, group=group), torch.mm(x_full, w, out=y)))
+        name = _symm_group_name(group)
+        try:
+            r["symm"] = timeit(lambda: torch.ops.symm_mem.fused_all_gather_matmul(x, [w], 0, name))
+        except Exception as error:  # noqa: BLE001
+            print(f"symm_mem fused_all_gather_matmul failed: {error}", flush=True)
+        r["fused"] = timeit(lambda: fused.all_gather_matmul(x3, [w], group))
+        r["fused_host"] = HOST_MS["last"]
+    return r
+
+
+def gemm_check(out_dir, dtype):
+    """Triton GEMM against cuBLAS on the 8B TP=world shapes: forward, dgrad, wgrad (rank 0 writes)."""
+    world = dist.get_world_size()
+    rows = []
+    for proj, kind, k_full, n_full in projections("llama3-8b"):
+        k, n = (k_full // world, n_full) if kind == "row" else (k_full, n_full // world)
+        for M in (4096, 8192, 16384):
+            cases = [("fwd", (M, k), (k, n))]
+            if M == 8192:
+                cases += [("dgrad", (M, n), (n, k)), ("wgrad", (n, M), (M, k))]
+            for what, sa, sb in cases:
+                a = torch.randn(*(sa if what != "wgrad" else sa[::-1]), device="cuda").to(dtype)
+                a = a.t() if what == "wgrad" else a  # dy^T: a transposed view, as the layers pass it
+                b = torch.randn(*sb, device="cuda").to(dtype)
+                out = torch.empty(sa[0], sb[1], device="cuda", dtype=dtype)
+                matmul(a, b, out=out)  # autotune outside the timing
+                t_cublas = triton.testing.do_bench(lambda: torch.mm(a, b, out=out), return_mode="median")
+                t_triton = triton.testing.do_bench(lambda: matmul(a, b, out=out), return_mode="median")
+                flops = 2 * sa[0] * sa[1] * sb[1]
+                rows.append(dict(proj=proj, layer=kind, gemm=what, M=sa[0], K=sa[1], N=sb[1],
+                                 cublas_ms=round(t_cublas, 4), triton_ms=round(t_triton, 4),
+                                 cublas_tflops=round(flops / t_cublas / 1e9, 1),
+                                 triton_tflops=round(flops / t_triton / 1e9, 1),
+                                 triton_over_cublas=round(t_triton / t_cublas, 3)))
+    if dist.get_rank() == 0:
+        _write(os.path.join(out_dir, "tp_overlap_gemm.csv"), rows)
+        worst = max(rows, key=lambda r: r["triton_over_cublas"])
+        print(f"GEMM triton/cublas: median {statistics.median(r['triton_over_cublas'] for r in rows):.3f}, worst "
+              f"{worst['triton_over_cublas']} ({worst['proj']} {worst['gemm']} M={worst['M']})", flush=True)
+
+
+def sweep(group, out_dir, dtype):
+    """Reduction-kernel width and chunk rows on the headline case (8B down, M=8192, AR)."""
+    world = dist.get_world_size()
+    k, n = 14336 // world, 4096
+    rows = []
+    saved = (fused.TUNING.ctas, fused.TUNING.chunk_rows)
+    for ctas in (8, 16, 32):
+        for chunk_rows in (512, 1024, 2048):
+            fused.TUNING.ctas, fused.TUNING.chunk_rows = ctas, chunk_rows
+            a = torch.randn(1, 8192, k, device="cuda").to(dtype)
+            b = torch.randn(k, n, device="cuda").to(dtype) * 0.05
+            t = timeit(lambda: fused.matmul_reduce([(a, b)], group))
+            rows.append(dict(world=world, ctas=ctas, chunk_rows=chunk_rows, fused_ms=round(t, 4)))
+    fused.TUNING.ctas, fused.TUNING.chunk_rows = saved
+    if dist.get_rank() == 0:
+        _write(os.path.join(out_dir, f"tp_overlap_sweep_w{world}.csv"), rows)
+        best = min(rows, key=lambda r: r["fused_ms"])
+        print("SWEEP " + " ".join(f"{r['ctas']}/{r['chunk_rows']}={r['fused_ms']}" for r in rows)
+              + f" best {best}", flush=True)
+
+
+def _write(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--gemm-check", action="store_true")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--models", default="llama3-8b,llama3-70b")
+    parser.add_argument("--tokens", default="4096,8192,16384")
+    args = parser.parse_args()
+    dist.init_process_group("nccl")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    os.makedirs(args.out, exist_ok=True)
+    world, group, dtype = dist.get_world_size(), dist.group.WORLD, torch.bfloat16
+    meta = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), world=world,
+                torch=torch.__version__, triton=triton.__version__,
+                nccl=".".join(map(str, torch.cuda.nccl.version())))
+    if args.sweep:
+        sweep(group, args.out, dtype)
+    cases = []
+    for model in args.models.split(","):
+        for proj, kind, k_full, n_full in projections(model):
+            for M in map(int, args.tokens.split(",")):
+                if kind == "row":
+                    cases += [(model, proj, "AR", M, k_full // world, n_full),
+                              (model, proj, "RS", M, k_full // world, n_full)]
+                else:
+                    cases += [(model, proj, "AR", M, n_full // world, k_full),  # dgrad: dy [M, N/W] @ W [N/W, K]
+                              (model, proj, "AG", M, k_full, n_full // world)]
+    cases += [("llama3-8b", "down", "AR", M, 14336 // world, 4096) for M in (512, 1024, 2048)]
+    rows = []
+    for model, proj, op, M, K, N in cases:
+        headline = model == "llama3-8b" and proj == "down" and M == 8192
+        r = run_case(group, op, M, K, N, dtype, with_triton=headline)
+        host_ms = r.pop("fused_host")
+        best = max(r["gemm"], r["coll"])
+        row = dict(meta, model=model, proj=proj, op=op, M=M, K=K, N=N,
+                   **{f"{key}_ms": round(value, 4) for key, value in r.items()})
+        row["fused_host_ms"] = round(host_ms, 4)
+        row["fused_tflops"] = round(2 * M * K * N / r["fused"] / 1e9, 1)
+        row["overlap_eff"] = round((r["seq"] - r["fused"]) / max(r["seq"] - best, 1e-6), 3)
+        row["fused_over_max"] = round(r["fused"] / best, 3)
+        row["seq_over_fused"] = round(r["seq"] / r["fused"], 3)
+        if "symm" in r:
+            row["symm_over_fused"] = round(r["symm"] / r["fused"], 3)
+        rows.append(row)
+        if dist.get_rank() == 0:
+            print(f"{model:10s} {proj:7s} {op} M={M:5d} K={K:5d} N={N:5d} | gemm {r['gemm']:.3f} coll "
+                  f"{r['coll']:.3f} seq {r['seq']:.3f} symm {r.get('symm', float('nan')):.3f} fused "
+                  f"{r['fused']:.3f} | eff {row['overlap_eff']:.2f} fused/max {row['fused_over_max']:.2f}", flush=True)
+    if dist.get_rank() == 0:
+        fields = []
+        for row in rows:
+            fields += [k for k in row if k not in fields]
+        with open(os.path.join(args.out, f"tp_overlap_w{world}.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.gemm_check:
+        gemm_check(args.out, dtype)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call for the fused-kernel issue (nvidia-h200-x4): GPU checks of the fused GEMM + collective
+# kernels at 4 and 2 GPUs, then bench/bench_tp_overlap.py at 4 GPUs (with the Triton-vs-cuBLAS GEMM check and the
+# tuning sweep) and at 2 GPUs. Full logs and CSVs under $OUT; a short table last.
+set -u
+RES=${OUT:-/tmp/tp_overlap_out}
+mkdir -p "$RES"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | head -1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+check() {
+  CUDA_VISIBLE_DEVICES=$2 timeout "$3" torchrun --standalone --nproc_per_node="$1" tests/gpu/fused_check.py \
+    > "$RES/check_$1gpu.txt" 2>&1
+  echo "check $1 GPUs: exit $?"; grep -E "OK$|FAIL$|Error|error" "$RES/check_$1gpu.txt" | head -40
+}
+bench() {
+  CUDA_VISIBLE_DEVICES=$2 timeout "$3" torchrun --standalone --nproc_per_node="$1" bench/bench_tp_overlap.py \
+    --out "$RES" ${4:-} > "$RES/bench_w$1.txt" 2>&1
+  echo "bench $1 GPUs: exit $?"; grep -E "SWEEP|GEMM|Error|error|failed" "$RES/bench_w$1.txt" | head -10
+}
+check 4 0,1,2,3 ${CHECK_S:-150}
+bench 4 0,1,2,3 ${BENCH4_S:-210} "${BENCH4_ARGS:---sweep --gemm-check}"
+check 2 0,1 ${CHECK2_S:-100}
+bench 2 0,1 ${BENCH2_S:-100} "${BENCH2_ARGS:---models llama3-8b}"
+for w in 4 2; do
+  [ -f "$RES/tp_overlap_w$w.csv" ] && python3 - "$RES/tp_overlap_w$w.csv" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+print(f"world {rows[0]['world']}: model proj op M | gemm coll seq symm fused (ms) | eff fused/max symm/fused host")
+for r in rows:
+    if r["M"] in ("8192",) or r["proj"] == "down" and r["model"] == "llama3-8b":
+        print(r["model"][-3:], r["proj"], r["op"], r["M"], "|", r["gemm_ms"], r["coll_ms"], r["seq_ms"],
+              r.get("symm_ms") or "-", r["fused_ms"], "|", r["overlap_eff"], r["fused_over_max"],
+              r.get("symm_over_fused") or "-", r["fused_host_ms"])
+PY
+done
