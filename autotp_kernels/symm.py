@@ -65,9 +65,8 @@ class Workspace:
                 warnings.simplefilter("ignore")
                 symm_mem.enable_symm_mem_for_group(self.group_name)
         self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
-        # Every rank's flags are zero before any rank signals into them.
-        self.handle.barrier(channel=0)
-        peers = [self.handle.get_buffer(q, (total,), torch.uint8) for q in range(self.world)]
+        peers = self._peer_views(total)
+        self._check_mapping(peers)
         self.flags = [p[:FLAG_BYTES].view(torch.int32) for p in peers]
         self.data = [[p[FLAG_BYTES + i * self.data_bytes:FLAG_BYTES + (i + 1) * self.data_bytes] for p in peers]
                      for i in range(2)]
@@ -78,6 +77,45 @@ class Workspace:
         self.comm_stream = torch.cuda.Stream(device=device, priority=-1)
         self.copy_stream = torch.cuda.Stream(device=device, priority=-1)
         self.pending: Optional[torch.cuda.Event] = None
+
+    def _peer_views(self, total: int) -> list:
+        """Every rank's copy of this buffer. The tensor may sit at an offset inside its symmetric allocation
+        (pooled allocators), and torch versions differ in which API accounts for it: take the first view whose
+        own-rank copy is this rank's tensor."""
+        handle, mine = self.handle, self.buffer.data_ptr()
+        candidates = []
+        if hasattr(handle, "get_remote_tensor"):
+            candidates.append(lambda q: handle.get_remote_tensor(q, (total,), torch.uint8))
+        offset = mine - handle.buffer_ptrs[self.rank]
+        candidates.append(lambda q: handle.get_buffer(q, (total,), torch.uint8, offset))
+        candidates.append(lambda q: handle.get_buffer(q, (total,), torch.uint8, 0))
+        seen = []
+        for view in candidates:
+            try:
+                own = view(self.rank)
+            except (RuntimeError, TypeError, ValueError) as error:
+                seen.append(str(error).splitlines()[0])
+                continue
+            if own.data_ptr() == mine:
+                return [view(q) for q in range(self.world)]
+            seen.append(f"{own.data_ptr():#x}")
+        raise RuntimeError(f"symmetric memory for group '{self.group_name}': no peer view aliases this rank's "
+                           f"buffer {mine:#x} (tried: {seen})")
+
+    def _check_mapping(self, peers) -> None:
+        """Each rank writes its rank into a spare flag word; every rank must read each peer's own value through
+        its mapping. Leaves every flag zero, and all ranks past a barrier, before any kernel signals."""
+        probe = ERROR_OFF + 1
+        mine = self.buffer[:FLAG_BYTES].view(torch.int32)
+        mine[probe] = self.rank + 1
+        self.handle.barrier(0)
+        seen = [int(p[:FLAG_BYTES].view(torch.int32)[probe].item()) for p in peers]
+        self.handle.barrier(0)
+        mine[probe] = 0
+        self.handle.barrier(0)
+        if seen != [q + 1 for q in range(self.world)]:
+            raise RuntimeError(f"symmetric memory for group '{self.group_name}' maps the wrong peer buffers: rank "
+                               f"{self.rank} read {seen}, expected {[q + 1 for q in range(self.world)]}")
 
     def next_epoch(self) -> int:
         self.join()

@@ -67,6 +67,7 @@ def check_reduce(group, dtype, seg, S, K, N, scatter, gemm):
     outs = [fused.matmul_reduce([(a, b)], group, scatter=scatter, gemm=gemm) for _ in range(3)]
     seq = fused.sequential_matmul_reduce([(a, b)], group, scatter=scatter)
     torch.cuda.synchronize()
+    symm.check_errors()
     err, err_seq = rel(outs[0], ref), rel(seq, ref)
     repeat = all(torch.equal(o, outs[0]) for o in outs)
     everywhere = scatter or same_everywhere(outs[0])
@@ -83,6 +84,7 @@ def check_all_gather(group, dtype, seg, s_own, K, N, gemm):
     x_full, ys = fused.all_gather_matmul(x, w, group, gemm=gemm)
     _, ys_seq = fused.sequential_all_gather_matmul(x, w, group)
     torch.cuda.synchronize()
+    symm.check_errors()
     exact = torch.equal(x_full.double(), x_ref)
     errs = [(rel(y, x_ref @ b.double()), rel(s, x_ref @ b.double())) for y, s, b in zip(ys, ys_seq, w)]
     ok = exact and all(e <= 1.25 * s + 1e-7 for e, s in errs)
