@@ -27,20 +27,34 @@ READY_OFF = tl.constexpr(symm.READY_OFF)
 
 
 @triton.jit
-def _wait(flag_ptr, epoch, budget, err_ptr, code):
-    """Spin until *flag_ptr >= epoch or `budget` spins are spent. Returns the budget left, at least 1 on
-    success and 0 after a timeout; a program that timed out once spins no more and signals nothing, so its
-    peers time out too and every rank reports the failure."""
+def _now(TIMER: tl.constexpr):
+    """Nanoseconds of the GPU's global timer (TIMER), or 0 under the interpreter, where budgets count spins."""
+    if TIMER:
+        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                         pack=1)
+    else:
+        return tl.zeros((), dtype=tl.int64)
+
+
+@triton.jit
+def _wait(flag_ptr, epoch, deadline, err_ptr, code, TIMER: tl.constexpr):
+    """Spin until *flag_ptr >= epoch or the deadline passes (global-timer ns with TIMER, else a spin count that
+    counts down). Returns the deadline, 0 after a timeout: a program that timed out once waits no more and
+    signals nothing, so its peers time out too and every rank reports the failure."""
     v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
-    while (v < epoch) & (budget > 0):
-        v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
-        budget -= 1
+    if TIMER:
+        while (v < epoch) & (_now(TIMER) < deadline):
+            v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+    else:
+        while (v < epoch) & (deadline > 0):
+            v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+            deadline -= 1
     if v < epoch:
         tl.atomic_max(err_ptr, code, sem="relaxed", scope="gpu")
-        budget = budget * 0
+        deadline = deadline * 0
     else:
-        budget = tl.maximum(budget, 1)
-    return budget
+        deadline = tl.maximum(deadline, 1)
+    return deadline
 
 
 @triton.jit
@@ -57,10 +71,10 @@ def signal_kernel(flag_table, index, epoch, W: tl.constexpr):
     _signal_all(flag_table, index, epoch, W)
 
 
-@triton.jit(do_not_specialize=["rank", "index", "epoch", "max_spins"])
-def wait_kernel(flag_table, rank, index, epoch, max_spins, code):
+@triton.jit(do_not_specialize=["rank", "index", "epoch", "timeout"])
+def wait_kernel(flag_table, rank, index, epoch, timeout, code, TIMER: tl.constexpr):
     flags = tl.load(flag_table + rank).to(tl.pointer_type(tl.int32))
-    _wait(flags + index, epoch, max_spins, flags + ERROR_OFF, code)
+    _wait(flags + index, epoch, _now(TIMER) + timeout, flags + ERROR_OFF, code, TIMER)
 
 
 @triton.jit
@@ -75,17 +89,18 @@ def _chunk_rows(c, S, W: tl.constexpr, J):
     return o, base, size, lo, hi
 
 
-@triton.jit(do_not_specialize=["rank", "epoch", "max_spins", "SEG", "S", "N", "J"])
-def reduce_chunks_kernel(data_table, out_ptr, flag_table, rank, epoch, max_spins, SEG, S, N, J,
+@triton.jit(do_not_specialize=["rank", "epoch", "timeout", "SEG", "S", "N", "J"])
+def reduce_chunks_kernel(data_table, out_ptr, flag_table, rank, epoch, timeout, SEG, S, N, J,
                          W: tl.constexpr, ALL_GATHER: tl.constexpr, DO_REDUCE: tl.constexpr,
-                         DO_GATHER: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+                         DO_GATHER: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, TIMER: tl.constexpr):
     """Reduce (and with ALL_GATHER, share) the partial products [SEG, S, N] of W ranks, chunk by chunk.
 
     Reduce-scatter: out is [SEG, size_rank, N], this rank's rows of the sum. All-reduce: out is [SEG, S, N]; the
     owner also writes its reduced chunk back into its own buffer and raises RDONE, and the other ranks copy it.
     A chunk is one contiguous run of rows x N per segment, walked in BLOCK-element blocks; block set k (blocks
     k, k+P, ... for P programs) is handled by program k on every rank, so a reader waits only for the same
-    program on the owner. ALIGN: N is a multiple of it (elements), so blocks load in 16-byte vectors.
+    program on the owner. ALIGN: N is a multiple of it (elements), so blocks load in 16-byte vectors. `timeout`:
+    nanoseconds for the whole op with TIMER, else spins.
     DO_REDUCE / DO_GATHER split the phases for tests that simulate all ranks in one process.
     """
     pid = tl.program_id(0)
@@ -94,7 +109,7 @@ def reduce_chunks_kernel(data_table, out_ptr, flag_table, rank, epoch, max_spins
     err_ptr = my_flags + ERROR_OFF
     my_data = tl.load(data_table + rank).to(tl.pointer_type(out_ptr.dtype.element_ty))
     offs = tl.arange(0, BLOCK)
-    budget = max_spins
+    budget = _now(TIMER) + timeout
     for c in range(W * J):
         o, base, size, lo, hi = _chunk_rows(c, S, W, J)
         seg_elems = tl.multiple_of((hi - lo).to(tl.int64) * N, ALIGN)
@@ -102,7 +117,7 @@ def reduce_chunks_kernel(data_table, out_ptr, flag_table, rank, epoch, max_spins
         if o == rank:
             if DO_REDUCE:
                 for q in tl.static_range(W):
-                    budget = _wait(my_flags + READY_OFF + q * MAX_CHUNKS + c, epoch, budget, err_ptr, 1)
+                    budget = _wait(my_flags + READY_OFF + q * MAX_CHUNKS + c, epoch, budget, err_ptr, 1, TIMER)
                 tl.debug_barrier()
                 for f in range(pid, SEG * seg_blocks, nprog):
                     b = f // seg_blocks
@@ -125,7 +140,7 @@ def reduce_chunks_kernel(data_table, out_ptr, flag_table, rank, epoch, max_spins
                     _signal_all(flag_table, RDONE_OFF + c * MAX_CTAS + pid, epoch, W)
         else:
             if ALL_GATHER and DO_GATHER:
-                budget = _wait(my_flags + RDONE_OFF + c * MAX_CTAS + pid, epoch, budget, err_ptr, 2)
+                budget = _wait(my_flags + RDONE_OFF + c * MAX_CTAS + pid, epoch, budget, err_ptr, 2, TIMER)
                 tl.debug_barrier()
                 src = tl.multiple_of(tl.load(data_table + o).to(tl.pointer_type(out_ptr.dtype.element_ty)), 16)
                 for f in range(pid, SEG * seg_blocks, nprog):

@@ -34,21 +34,21 @@ from .symm import MAX_CHUNKS, MAX_CTAS
 
 @dataclass
 class FusedTuning:
-    ctas: int = int(os.environ.get("AUTOTP_FUSED_CTAS", 16))
+    ctas: int = int(os.environ.get("AUTOTP_FUSED_CTAS", "16"))
     """Programs of the reduction kernel; each holds one SM while the GEMM runs."""
     block: int = 4096
     """Elements per program per step: with W peers in flight, 16 KB x W bytes per SM hide NVLink latency."""
     warps: int = 8
-    chunk_rows: int = int(os.environ.get("AUTOTP_FUSED_CHUNK_ROWS", 1024))
+    chunk_rows: int = int(os.environ.get("AUTOTP_FUSED_CHUNK_ROWS", "1024"))
     """Target rows per GEMM chunk: smaller chunks shorten the exposed tail, larger ones keep the GEMM efficient."""
-    min_bytes: int = int(os.environ.get("AUTOTP_FUSED_MIN_BYTES", 8 << 20))
+    min_bytes: int = int(os.environ.get("AUTOTP_FUSED_MIN_BYTES", str(8 << 20)))
     """`kernels: auto` fuses when the collective moves at least this many bytes; below, cuBLAS then NCCL."""
-    timeout_s: float = float(os.environ.get("AUTOTP_FUSED_TIMEOUT_S", 300))
-    """A wait for a peer gives up after about this long (one spin of a system-scope poll is about 1 us)."""
+    timeout_s: float = float(os.environ.get("AUTOTP_FUSED_TIMEOUT_S", "300"))
+    """An op whose peers have not all arrived after this long (GPU global timer) gives up with an error code."""
 
     @property
-    def max_spins(self) -> int:
-        return max(1, int(self.timeout_s * 1e6))
+    def timeout_ns(self) -> int:
+        return max(1, int(self.timeout_s * 1e9))
 
 
 TUNING = FusedTuning()
@@ -116,9 +116,9 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     # Launched first so its programs are resident and waiting when the first chunk's flags rise.
     with torch.cuda.stream(ws.comm_stream):
         reduce_chunks_kernel[(TUNING.ctas,)](
-            ws.data_tables[epoch % 2], out, ws.flag_table, me, epoch, TUNING.max_spins, seg, S, N, pieces,
+            ws.data_tables[epoch % 2], out, ws.flag_table, me, epoch, TUNING.timeout_ns, seg, S, N, pieces,
             W=world, ALL_GATHER=not scatter, DO_REDUCE=True, DO_GATHER=True, BLOCK=TUNING.block,
-            ALIGN=alignment(N, a0.element_size()), num_warps=TUNING.warps)
+            ALIGN=alignment(N, a0.element_size()), TIMER=True, num_warps=TUNING.warps)
     out.record_stream(ws.comm_stream)
     for c in range(world * pieces):
         lo, hi = _chunk_rows(c, S, world, pieces)
@@ -157,7 +157,7 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
         # Rank-shifted order: at step i every rank reads a different peer, spreading the links' load.
         for i in range(1, world):
             src = (me + i) % world
-            wait_kernel[(1,)](ws.flag_table, me, shard_index(src), epoch, TUNING.max_spins, 3)
+            wait_kernel[(1,)](ws.flag_table, me, shard_index(src), epoch, TUNING.timeout_ns, 3, TIMER=True)
             x_full[:, src * s_own:(src + 1) * s_own].copy_(ws.data_view(src, epoch, (seg, s_own, K), x_shard.dtype))
             arrived[src] = torch.cuda.Event()
             arrived[src].record(ws.copy_stream)
