@@ -43,6 +43,10 @@ class FusedTuning:
     """Target rows per GEMM chunk: smaller chunks shorten the exposed tail, larger ones keep the GEMM efficient."""
     min_bytes: int = int(os.environ.get("AUTOTP_FUSED_MIN_BYTES", str(8 << 20)))
     """`kernels: auto` fuses when the collective moves at least this many bytes; below, cuBLAS then NCCL."""
+    reduce_first: bool = os.environ.get("AUTOTP_FUSED_REDUCE_FIRST", "0") == "1"
+    """Launch the spinning reduction kernel before the chunked GEMM rather than after it. Off: with CUDA's lazy
+    module loading, a GEMM kernel loaded for the first time while a spinning kernel runs waits for it to end
+    (seen on H200: every first call stalled until the timeout), so every kernel of the op is enqueued first."""
     timeout_s: float = float(os.environ.get("AUTOTP_FUSED_TIMEOUT_S", "300"))
     """An op whose peers have not all arrived after this long (GPU global timer) gives up with an error code."""
 
@@ -113,19 +117,25 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     pieces = _pieces(S, world)
     compute = torch.cuda.current_stream(a0.device)
     ws.comm_stream.wait_stream(compute)
-    # Launched first so its programs are resident and waiting when the first chunk's flags rise.
-    with torch.cuda.stream(ws.comm_stream):
-        reduce_chunks_kernel[(TUNING.ctas,)](
-            ws.data_tables[epoch % 2], out, ws.flag_table, me, epoch, TUNING.timeout_ns, seg, S, N, pieces,
-            W=world, ALL_GATHER=not scatter, DO_REDUCE=True, DO_GATHER=True, BLOCK=TUNING.block,
-            ALIGN=alignment(N, a0.element_size()), TIMER=True, num_warps=TUNING.warps)
-    out.record_stream(ws.comm_stream)
+
+    def launch_reduction():
+        with torch.cuda.stream(ws.comm_stream):
+            reduce_chunks_kernel[(TUNING.ctas,)](
+                ws.data_tables[epoch % 2], out, ws.flag_table, me, epoch, TUNING.timeout_ns, seg, S, N, pieces,
+                W=world, ALL_GATHER=not scatter, DO_REDUCE=True, DO_GATHER=True, BLOCK=TUNING.block,
+                ALIGN=alignment(N, a0.element_size()), TIMER=True, num_warps=TUNING.warps)
+        out.record_stream(ws.comm_stream)
+
+    if TUNING.reduce_first:
+        launch_reduction()
     for c in range(world * pieces):
         lo, hi = _chunk_rows(c, S, world, pieces)
         for s in range(seg):
             for i, (a, b) in enumerate(pairs):
                 _mm(a[s, lo:hi], b, partial[s, lo:hi], i > 0, gemm)
         signal_kernel[(1,)](ws.flag_table, ready_index(me, c), epoch, W=world)
+    if not TUNING.reduce_first:
+        launch_reduction()
     done = torch.cuda.Event()
     done.record(ws.comm_stream)
     ws.defer_join(done)
@@ -152,6 +162,14 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
           for b in weights]
     compute = torch.cuda.current_stream(x_shard.device)
     ws.copy_stream.wait_stream(compute)
+
+    def multiply(src):
+        rows = slice(src * s_own, (src + 1) * s_own)
+        for s in range(seg):
+            for y, b in zip(ys, weights):
+                _mm(x_full[s, rows], b, y[s, rows], False, gemm)
+
+    multiply(me)  # enqueued before the spinning waits (see FusedTuning.reduce_first)
     arrived = {}
     with torch.cuda.stream(ws.copy_stream):
         # Rank-shifted order: at step i every rank reads a different peer, spreading the links' load.
@@ -162,14 +180,10 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
             arrived[src] = torch.cuda.Event()
             arrived[src].record(ws.copy_stream)
     x_full.record_stream(ws.copy_stream)
-    for i in range(world):
+    for i in range(1, world):
         src = (me + i) % world
-        if i:
-            compute.wait_event(arrived[src])
-        rows = slice(src * s_own, (src + 1) * s_own)
-        for s in range(seg):
-            for y, b in zip(ys, weights):
-                _mm(x_full[s, rows], b, y[s, rows], False, gemm)
+        compute.wait_event(arrived[src])
+        multiply(src)
     return x_full, ys
 
 
