@@ -46,12 +46,15 @@ def projections(model):
 HOST_MS = {}
 
 
-def timeit(fn, budget_ms=60.0, trials=5):
+def timeit(fn, budget_ms=60.0, trials=5, label=""):
     """Median ms per call over `trials` runs of back-to-back calls, the slowest rank's. HOST_MS["last"] is the
     host time to issue one call (the launch overhead a training step pays on the CPU)."""
+    if os.environ.get("BENCH_VERBOSE") and dist.get_rank() == 0:
+        print(f"  timing {label}", flush=True)
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
+    fused.symm.check_errors()  # a fused op that timed out is an error, not a slow case
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
@@ -99,23 +102,23 @@ def run_case(group, op, M, K, N, dtype, with_triton):
         y = torch.empty(M, N, device="cuda", dtype=dtype)
         piece = torch.empty(M // world, N, device="cuda", dtype=dtype)
         a3 = a.unsqueeze(0)
-        r["gemm"] = timeit(lambda: torch.mm(a, b, out=y))
+        r["gemm"] = timeit(lambda: torch.mm(a, b, out=y), label="gemm")
         if op == "AR":
-            r["coll"] = timeit(lambda: dist.all_reduce(y, group=group))
-            r["seq"] = timeit(lambda: (torch.mm(a, b, out=y), dist.all_reduce(y, group=group)))
-            r["fused"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group))
+            r["coll"] = timeit(lambda: dist.all_reduce(y, group=group), label="coll")
+            r["seq"] = timeit(lambda: (torch.mm(a, b, out=y), dist.all_reduce(y, group=group)), label="seq")
+            r["fused"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group), label="fused")
             r["fused_host"] = HOST_MS["last"]
             if with_triton:
-                r["fused_triton"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group, gemm="triton"))
+                r["fused_triton"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group, gemm="triton"), label="fused_triton")
         else:
-            r["coll"] = timeit(lambda: dist.reduce_scatter_tensor(piece, y, group=group))
-            r["seq"] = timeit(lambda: (torch.mm(a, b, out=y), dist.reduce_scatter_tensor(piece, y, group=group)))
+            r["coll"] = timeit(lambda: dist.reduce_scatter_tensor(piece, y, group=group), label="coll")
+            r["seq"] = timeit(lambda: (torch.mm(a, b, out=y), dist.reduce_scatter_tensor(piece, y, group=group)), label="seq")
             name = _symm_group_name(group)
             try:
-                r["symm"] = timeit(lambda: torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, name))
+                r["symm"] = timeit(lambda: torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, name), label="symm")
             except Exception as error:  # noqa: BLE001 - recorded, the row still has the other columns
                 print(f"symm_mem fused_matmul_reduce_scatter failed: {error}", flush=True)
-            r["fused"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group, scatter=True))
+            r["fused"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group, scatter=True), label="fused")
             r["fused_host"] = HOST_MS["last"]
     else:  # AG: x_shard [M/W, K] gathered, times w [K, N]
         x = torch.randn(M // world, K, device="cuda", generator=gen).to(dtype)
@@ -123,15 +126,15 @@ def run_case(group, op, M, K, N, dtype, with_triton):
         x_full = torch.empty(M, K, device="cuda", dtype=dtype)
         y = torch.empty(M, N, device="cuda", dtype=dtype)
         x3 = x.unsqueeze(0)
-        r["gemm"] = timeit(lambda: torch.mm(x_full, w, out=y))
-        r["coll"] = timeit(lambda: dist.all_gather_into_tensor(x_full, x, group=group))
-        r["seq"] = timeit(lambda: (dist.all_gather_into_tensor(x_full, x, group=group), torch.mm(x_full, w, out=y)))
+        r["gemm"] = timeit(lambda: torch.mm(x_full, w, out=y), label="gemm")
+        r["coll"] = timeit(lambda: dist.all_gather_into_tensor(x_full, x, group=group), label="coll")
+        r["seq"] = timeit(lambda: (dist.all_gather_into_tensor(x_full, x, group=group), torch.mm(x_full, w, out=y)), label="seq")
         name = _symm_group_name(group)
         try:
-            r["symm"] = timeit(lambda: torch.ops.symm_mem.fused_all_gather_matmul(x, [w], 0, name))
+            r["symm"] = timeit(lambda: torch.ops.symm_mem.fused_all_gather_matmul(x, [w], 0, name), label="symm")
         except Exception as error:  # noqa: BLE001
             print(f"symm_mem fused_all_gather_matmul failed: {error}", flush=True)
-        r["fused"] = timeit(lambda: fused.all_gather_matmul(x3, [w], group))
+        r["fused"] = timeit(lambda: fused.all_gather_matmul(x3, [w], group), label="fused")
         r["fused_host"] = HOST_MS["last"]
     return r
 
