@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import warnings
 from typing import Optional
 
@@ -64,6 +65,14 @@ def _batch_fingerprint(args, kwargs) -> torch.Tensor:
             weighted += float((flat * weights).sum())
             offset += flat.numel()
     return torch.tensor([count, total, weighted], dtype=torch.float64)
+
+
+def _check_fused_collectives() -> None:
+    """Raise if a fused TP collective timed out on this rank since the last step (its peers time out too, so
+    every rank raises). Costs one flag read per workspace, and nothing when the fused kernels never ran."""
+    symm = sys.modules.get("autotp_kernels.symm")
+    if symm is not None and symm._workspaces:
+        symm.check_errors()
 
 
 class Engine:
@@ -185,6 +194,7 @@ class Engine:
         if not boundary:
             return
         self.store.reduce()
+        _check_fused_collectives()
         grads = self.store.grads()
         overflow = False
         if self.loss_scaler is not None:

@@ -62,8 +62,8 @@ class _ParallelLinear(nn.Module):
     def _fused_gemm(self, x: torch.Tensor, comm_bytes: int) -> Optional[str]:
         """The GEMM to run under a fused collective (`cublas` or `triton`), or None for GEMM then NCCL.
 
-        Fused needs CUDA and a TP group of 2-8 ranks; `auto` fuses from TUNING.min_bytes of traffic up, where
-        bench/results/tp_overlap.md measured fusing to win, `triton` always."""
+        Fused needs CUDA and a TP group of 2-8 ranks; `triton` always fuses, `auto` from TUNING.min_bytes of
+        traffic up (no crossover is measured yet, so by default `auto` keeps cuBLAS then NCCL)."""
         if self.kernels == "torch" or not x.is_cuda or self.layout.tp_size == 1:
             return None
         from autotp_kernels import fused, symm  # imported on use: triton is only needed for this path

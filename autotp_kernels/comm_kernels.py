@@ -89,15 +89,16 @@ def _chunk_rows(c, S, W: tl.constexpr, J):
     return o, base, size, lo, hi
 
 
-@triton.jit(do_not_specialize=["rank", "epoch", "timeout", "SEG", "S", "N", "J"])
-def reduce_chunks_kernel(data_table, out_ptr, flag_table, rank, epoch, timeout, SEG, S, N, J,
-                         W: tl.constexpr, ALL_GATHER: tl.constexpr, DO_REDUCE: tl.constexpr,
+@triton.jit(do_not_specialize=["rank", "epoch", "timeout", "SEG", "S", "N", "J", "C0", "C1"])
+def reduce_chunks_kernel(data_table, out_ptr, flag_table, rank, epoch, timeout, SEG, S, N, J, C0, C1,
+                         W: tl.constexpr, SIGNAL_READY: tl.constexpr, ALL_GATHER: tl.constexpr, DO_REDUCE: tl.constexpr,
                          DO_GATHER: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, TIMER: tl.constexpr):
     """Reduce (and with ALL_GATHER, share) the partial products [SEG, S, N] of W ranks, chunk by chunk.
 
     Reduce-scatter: out is [SEG, size_rank, N], this rank's rows of the sum. All-reduce: out is [SEG, S, N]; the
     owner also writes its reduced chunk back into its own buffer and raises RDONE, and the other ranks copy it.
-    A chunk is one contiguous run of rows x N per segment, walked in BLOCK-element blocks; block set k (blocks
+    Chunks [C0, C1) are handled. With SIGNAL_READY, program 0 first raises READY for this rank's partial of each
+    chunk (the launch is stream-ordered after that chunk's GEMM). A chunk is one contiguous run of rows x N per segment, walked in BLOCK-element blocks; block set k (blocks
     k, k+P, ... for P programs) is handled by program k on every rank, so a reader waits only for the same
     program on the owner. ALIGN: N is a multiple of it (elements), so blocks load in 16-byte vectors. `timeout`:
     nanoseconds for the whole op with TIMER, else spins.
@@ -110,7 +111,10 @@ def reduce_chunks_kernel(data_table, out_ptr, flag_table, rank, epoch, timeout, 
     my_data = tl.load(data_table + rank).to(tl.pointer_type(out_ptr.dtype.element_ty))
     offs = tl.arange(0, BLOCK)
     budget = _now(TIMER) + timeout
-    for c in range(W * J):
+    for c in range(C0, C1):
+        if SIGNAL_READY:
+            if pid == 0:
+                _signal_all(flag_table, READY_OFF + rank * MAX_CHUNKS + c, epoch, W)
         o, base, size, lo, hi = _chunk_rows(c, S, W, J)
         seg_elems = tl.multiple_of((hi - lo).to(tl.int64) * N, ALIGN)
         seg_blocks = tl.cdiv(seg_elems, BLOCK)

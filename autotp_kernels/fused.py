@@ -7,15 +7,15 @@
   all_gather_matmul(x_shard, weights, group)  all-gather the sequence shards, multiply by each weight
                                               (sequence-parallel column layer forward, row layer backward)
 
-How the overlap works: the GEMM runs on the compute stream in chunks of rows (cuBLAS or the Triton GEMM) and
-a one-thread kernel after each chunk raises that chunk's flag on every peer. Meanwhile one reduction kernel on a
-high-priority stream, `TUNING.ctas` programs wide (the rest of the SMs keep the GEMM going), waits for a chunk
-on all ranks, sums its owner's rows in fixed rank order in fp32 and, for the all-reduce, hands the result to the
-others. For the all-gather the copy engine pulls peer shards in rank-shifted order while the GEMM multiplies
-the shards already here. Activations are [SEG, S, K] (batch, sequence, features); 2-D inputs are one segment.
+How the overlap works: the GEMM runs on the compute stream in chunks of rows (cuBLAS or the Triton GEMM). After
+each chunk, a reduction launch on a high-priority stream, `TUNING.ctas` programs wide (the rest of the SMs keep
+the GEMM going), raises that chunk's flag on every peer, waits for the chunk on all ranks, sums its owner's rows
+in fixed rank order in fp32 and, for the all-reduce, hands the result to the others. For the all-gather the copy
+engine pulls peer shards in rank-shifted order while the GEMM multiplies the shards already here. Activations
+are [SEG, S, K] (batch, sequence, features); 2-D inputs are one segment.
 
-`sequential_*` are the cuBLAS-then-NCCL paths: the fallback below `TUNING.min_bytes` (where fusing does not pay,
-per bench/results/tp_overlap.md) and the reference in tests and benchmarks.
+`sequential_*` are the cuBLAS-then-NCCL paths: the fallback below `TUNING.min_bytes` and the reference in tests
+and benchmarks.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from . import symm
-from .comm_kernels import reduce_chunks_kernel, ready_index, shard_index, signal_kernel, wait_kernel
+from .comm_kernels import reduce_chunks_kernel, shard_index, signal_kernel, wait_kernel
 from .gemm import matmul
 from .symm import MAX_CHUNKS, MAX_CTAS
 
@@ -41,12 +41,10 @@ class FusedTuning:
     warps: int = 8
     chunk_rows: int = int(os.environ.get("AUTOTP_FUSED_CHUNK_ROWS", "1024"))
     """Target rows per GEMM chunk: smaller chunks shorten the exposed tail, larger ones keep the GEMM efficient."""
-    min_bytes: int = int(os.environ.get("AUTOTP_FUSED_MIN_BYTES", str(8 << 20)))
-    """`kernels: auto` fuses when the collective moves at least this many bytes; below, cuBLAS then NCCL."""
-    reduce_first: bool = os.environ.get("AUTOTP_FUSED_REDUCE_FIRST", "0") == "1"
-    """Launch the spinning reduction kernel before the chunked GEMM rather than after it. Off: with CUDA's lazy
-    module loading, a GEMM kernel loaded for the first time while a spinning kernel runs waits for it to end
-    (seen on H200: every first call stalled until the timeout), so every kernel of the op is enqueued first."""
+    min_bytes: int = int(os.environ.get("AUTOTP_FUSED_MIN_BYTES", str(1 << 62)))
+    """`kernels: auto` fuses (with cuBLAS chunks) when the collective moves at least this many bytes; below,
+    cuBLAS then NCCL. No crossover has been measured yet (bench/bench_tp_overlap.py), so by default `auto` never
+    fuses; `kernels: triton` always does."""
     timeout_s: float = float(os.environ.get("AUTOTP_FUSED_TIMEOUT_S", "300"))
     """An op whose peers have not all arrived after this long (GPU global timer) gives up with an error code."""
 
@@ -116,26 +114,26 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     out = torch.empty((seg, S // world if scatter else S, N), dtype=a0.dtype, device=a0.device)
     pieces = _pieces(S, world)
     compute = torch.cuda.current_stream(a0.device)
-    ws.comm_stream.wait_stream(compute)
-
-    def launch_reduction():
-        with torch.cuda.stream(ws.comm_stream):
-            reduce_chunks_kernel[(TUNING.ctas,)](
-                ws.data_tables[epoch % 2], out, ws.flag_table, me, epoch, TUNING.timeout_ns, seg, S, N, pieces,
-                W=world, ALL_GATHER=not scatter, DO_REDUCE=True, DO_GATHER=True, BLOCK=TUNING.block,
-                ALIGN=alignment(N, a0.element_size()), TIMER=True, num_warps=TUNING.warps)
-        out.record_stream(ws.comm_stream)
-
-    if TUNING.reduce_first:
-        launch_reduction()
+    align = alignment(N, a0.element_size())
     for c in range(world * pieces):
         lo, hi = _chunk_rows(c, S, world, pieces)
         for s in range(seg):
             for i, (a, b) in enumerate(pairs):
                 _mm(a[s, lo:hi], b, partial[s, lo:hi], i > 0, gemm)
-        signal_kernel[(1,)](ws.flag_table, ready_index(me, c), epoch, W=world)
-    if not TUNING.reduce_first:
-        launch_reduction()
+        # One reduction launch per chunk, stream-ordered after this chunk's GEMM: a spinning kernel then only
+        # ever waits for GEMMs that are already running or done on every rank. A reduction that spanned the
+        # whole op would hold SMs that a later chunk's persistent cuBLAS GEMM (one CTA per SM) needs to finish,
+        # and wait for that very chunk: on H200 that stalled until the timeout at 2 GPUs (M=8192, 16 programs)
+        # and at 4 GPUs (32 programs, 2048-row chunks).
+        chunk_done = torch.cuda.Event()
+        chunk_done.record(compute)
+        ws.comm_stream.wait_event(chunk_done)
+        with torch.cuda.stream(ws.comm_stream):
+            reduce_chunks_kernel[(TUNING.ctas,)](
+                ws.data_tables[epoch % 2], out, ws.flag_table, me, epoch, TUNING.timeout_ns, seg, S, N, pieces, c,
+                c + 1, W=world, SIGNAL_READY=True, ALL_GATHER=not scatter, DO_REDUCE=True, DO_GATHER=True,
+                BLOCK=TUNING.block, ALIGN=align, TIMER=True, num_warps=TUNING.warps)
+    out.record_stream(ws.comm_stream)
     done = torch.cuda.Event()
     done.record(ws.comm_stream)
     ws.defer_join(done)
@@ -169,7 +167,9 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
             for y, b in zip(ys, weights):
                 _mm(x_full[s, rows], b, y[s, rows], False, gemm)
 
-    multiply(me)  # enqueued before the spinning waits (see FusedTuning.reduce_first)
+    # Enqueued before the spinning waits: with CUDA's lazy module loading, a kernel loaded for the first time
+    # while a spinning kernel runs waits for it to end (seen on H200: first calls stalled until the timeout).
+    multiply(me)
     arrived = {}
     with torch.cuda.stream(ws.copy_stream):
         # Rank-shifted order: at step i every rank reads a different peer, spreading the links' load.

@@ -49,8 +49,8 @@ def _run(world, seg, S, N, pieces, dtype, scatter, ctas=3, block=16, seed=0, rea
     for do_reduce, do_gather in ((True, False), (False, True)):
         for rank in range(world):
             reduce_chunks_kernel[(ctas,)](data_table, outs[rank], flag_table, rank, EPOCH, 50, seg, S, N, pieces,
-                                          W=world, ALL_GATHER=not scatter, DO_REDUCE=do_reduce,
-                                          DO_GATHER=do_gather, BLOCK=block,
+                                          0, world * pieces, W=world, SIGNAL_READY=ready, ALL_GATHER=not scatter,
+                                          DO_REDUCE=do_reduce, DO_GATHER=do_gather, BLOCK=block,
                                           ALIGN=alignment(N, partials[0].element_size()), TIMER=False)
     return outs, expected, flags, rows
 
