@@ -349,6 +349,10 @@ def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, 
     set_kernels(model, kernels)
     state = TPState(groups, actions, source, dims, sharder.hooks)
     model.autotp_state = state
+    if groups.tp_size > 1:
+        from .rng import enable_tp_dropout_streams
+
+        enable_tp_dropout_streams(model, groups.tp_rank, state.hooks)
     if vocab_parallel and groups.tp_size > 1:
         from .vocab_parallel import enable_vocab_parallel_loss
 

@@ -6,7 +6,7 @@ A checkpoint is a directory `save_dir/<tag>/`:
   model_tp{t}.pt              the module state of TP rank t (local shards), written by its DP rank 0
   optim_tp{t}_dp{d}.pt        the fp32 master weights and per-element optimizer state this rank owns, keyed
                               by parameter name and range; per-group scalar state; param group settings
-  rng_rank{r}.pt              every RNG state of global rank r
+  rng_rank{r}.pt              every RNG state of global rank r (and its per-TP-rank dropout stream)
 
 Atomicity: every rank writes into `save_dir/.<tag>.partial/`; once all files exist and the manifest is written,
 rank 0 renames the directory into place (an older directory of the same tag is moved aside first and removed
@@ -201,7 +201,10 @@ def _files_of_this_rank(engine, client_state: dict):
         yield f"model_tp{tp_rank:02d}.pt", model
     if store.writes_optimizer_file():
         yield f"optim_tp{tp_rank:02d}_dp{dp_rank:02d}.pt", _optimizer_payload(engine)
-    yield f"rng_rank{_global_rank():05d}.pt", _rng_state()
+    rng = _rng_state()
+    if getattr(engine.module, "autotp_rng", None) is not None:
+        rng["tp_dropout"] = engine.module.autotp_rng.state_dict()
+    yield f"rng_rank{_global_rank():05d}.pt", rng
     if _global_rank() == 0:
         yield "engine.pt", _engine_payload(engine, client_state)
 
@@ -327,7 +330,10 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None, load_modul
             engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
         same_layout = (meta["tp_size"], meta["dp_size"]) == (engine.groups.tp_size, engine.groups.dp_size)
         if same_layout:
-            _set_rng_state(reader(f"rng_rank{_global_rank():05d}.pt"))
+            rng = reader(f"rng_rank{_global_rank():05d}.pt")
+            _set_rng_state(rng)
+            if "tp_dropout" in rng and getattr(engine.module, "autotp_rng", None) is not None:
+                engine.module.autotp_rng.load_state_dict(rng["tp_dropout"])
         else:
             logger.warning("autotp: checkpoint saved at TP %d x DP %d, loaded at TP %d x DP %d: model and "
                            "optimizer resharded; RNG states not restored", meta["tp_size"], meta["dp_size"],
