@@ -149,15 +149,28 @@ class RowParallelLinear(_ParallelLinear):
 
                 y = RowLinearAllReduce.apply(x, self.weight, self.conv1d, self.tp_group, gemm)
                 return y + self.bias if self.bias is not None else y
-        y_partial = _linear(x, self.weight, None, self.conv1d, self.kernels)
         if self.sequence_parallel:
-            # The region reduce-scatters the partial sums; the bias joins once, from TP rank 0 (the product keeps
-            # it in every rank's graph so its gradient all-reduce runs everywhere).
-            if self.bias is None:
-                return y_partial
-            return y_partial + self.bias * (1.0 if self.tp_rank == 0 else 0.0)
+            return self._forward_sequence_parallel(x)
+        y_partial = _linear(x, self.weight, None, self.conv1d, self.kernels)
         y = comm.reduce_from_tp(y_partial, self.tp_group)
         return y + self.bias if self.bias is not None else y
+
+    def _forward_sequence_parallel(self, x):
+        """x [B, S, K/R] (the region gathered the sequence) -> y [B, S/R, N]: the partial sums are reduce-scattered
+        over the sequence here, so the rest of the region (residual dropout, adds) already runs on the shard."""
+        from .sequence_parallel import SEQ_DIM, _ReduceScatterSequence  # sequence_parallel imports this module
+
+        world = self.layout.tp_size
+        gemm = self._fused_gemm(x, x[..., :1].numel() * self.out_features * x.element_size())
+        if gemm is not None and x.dim() == 3 and x.shape[SEQ_DIM] % world == 0:
+            from autotp_kernels.tp_linear import RowLinearReduceScatter
+
+            y_shard_s = RowLinearReduceScatter.apply(x, self.weight, self.conv1d, self.tp_group, gemm)
+        else:
+            y_partial = _linear(x, self.weight, None, self.conv1d, self.kernels)
+            y_shard_s = _ReduceScatterSequence.apply(y_partial, self.tp_group)
+        # Every rank adds the bias to its own rows; the bias gradient is summed over TP with the norms'.
+        return y_shard_s + self.bias if self.bias is not None else y_shard_s
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", split_input" if self.split_input else "")

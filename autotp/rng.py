@@ -10,9 +10,9 @@ replicated dropout then disagrees across ranks.
 So TP-local regions run on a second, per-rank stream (Megatron's "model-parallel" RNG): the default generator's
 state is swapped out when a column layer returns a sharded output and swapped back when a row layer starts (or
 the decoder layer ends). The replicated stream is the default generator, untouched. Under sequence parallelism
-the same split holds: a region's tail after its row layers (GPT-2's residual dropout) still runs on the partial
-sums before the region's reduce-scatter, where only one mask on every rank keeps dropout(sum) exact.
-Checkpoints save and restore the per-rank stream (`state_dict`).
+every activation between the first decoder layer's scatter and the last one's gather is sharded (over features
+or over the sequence), so the per-rank stream is pinned for the whole stack. Checkpoints save and restore the
+per-rank stream (`state_dict`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class TPRandom:
         self.states: dict = {}  # "cpu" / "cuda" -> generator state while swapped out
         self.active: Optional[bool] = None  # None: default stream; else whether the swapped generator is CUDA's
         self.saved: Optional[torch.Tensor] = None
+        self.pinned = False
 
     def _fresh(self, cuda: bool) -> torch.Tensor:
         if not cuda:
@@ -71,6 +72,16 @@ class TPRandom:
         self.states["cuda" if cuda else "cpu"] = _get(cuda)
         _set(cuda, self.saved)
         self.active, self.saved = None, None
+
+    def pin(self, cuda: bool) -> None:
+        """Stay on the per-rank stream until `unpin` (the layers' switches are ignored meanwhile)."""
+        self.exit()
+        self.enter(cuda)
+        self.pinned = True
+
+    def unpin(self) -> None:
+        self.pinned = False
+        self.exit()
 
     def state_dict(self) -> dict:
         self.exit()
@@ -101,11 +112,15 @@ def enable_tp_dropout_streams(model: nn.Module, tp_rank: int, hooks: list, seed:
 
     def to_local(module, args, output):
         tensor = _first_tensor(output)
-        if tensor is not None:
+        if tensor is not None and not rng.pinned:
             rng.enter(tensor.is_cuda)
 
     def to_replicated(*_):
-        rng.exit()
+        if not rng.pinned:
+            rng.exit()
+
+    def reset(*_):
+        rng.unpin()
 
     for module in model.modules():
         if isinstance(module, ColumnParallelLinear) and not module.gather_output:
@@ -122,7 +137,7 @@ def enable_tp_dropout_streams(model: nn.Module, tp_rank: int, hooks: list, seed:
         pass
 
     # An exception mid-forward must not leave the next forward on the per-rank stream.
-    hooks.append(model.register_forward_pre_hook(to_replicated))
-    hooks.append(model.register_forward_hook(to_replicated))
+    hooks.append(model.register_forward_pre_hook(reset))
+    hooks.append(model.register_forward_hook(reset))
     model.autotp_rng = rng
     return rng

@@ -4,8 +4,9 @@ Without it every TP rank runs the norms, residual adds and dropouts of every blo
 activation memory does not shrink with TP. With it (Megatron's scheme, applied to an HF model in place):
   - the first decoder layer's input is split over the sequence (backward: all-gather);
   - each TP region (a module holding row-parallel layers: attention, MLP) all-gathers the sequence on entry
-    (backward: reduce-scatter, which also sums its column layers' partial input gradients in one collective)
-    and reduce-scatters its row layers' partial sums on exit (backward: all-gather);
+    (backward: reduce-scatter, which also sums its column layers' partial input gradients in one collective);
+    its row layers reduce-scatter their partial sums themselves (backward: all-gather; on CUDA with
+    `kernels: triton` fused into the GEMM), so the region's tail (residual dropout) runs on the shard;
   - the last decoder layer's output is gathered again (the final norm and the LM head run on the whole sequence,
     which HF models need: several reshape to the input's shape after the final norm);
   - parameters replicated over TP that now see one sequence shard each (norms, row-layer biases) get their
@@ -123,19 +124,18 @@ def enable_sequence_parallel(model: nn.Module, group) -> SequenceParallelState:
     state = SequenceParallelState(group)
     _, layers = _decoder_layers(model)
 
+    rng = getattr(model, "autotp_rng", None)
+
     def scatter(module, args, kwargs):
         x = _hidden_states(args, kwargs)
         state.length = x.shape[SEQ_DIM]
+        if rng is not None:  # every activation of the stack is sharded now: dropout on the per-rank stream
+            rng.pin(x.is_cuda)
         return _replace_hidden_states(args, kwargs, _ScatterToSequence.apply(x, group))
 
     def gather_region(module, args, kwargs):
         x = _hidden_states(args, kwargs)
         return _replace_hidden_states(args, kwargs, _GatherSequence.apply(x, group, state.length, True))
-
-    def reduce_scatter_region(module, args, kwargs, output):
-        if isinstance(output, tuple):
-            return (_ReduceScatterSequence.apply(output[0], group),) + tuple(output[1:])
-        return _ReduceScatterSequence.apply(output, group)
 
     state.hooks.append(layers[0].register_forward_pre_hook(scatter, with_kwargs=True))
     regions = {}
@@ -148,10 +148,11 @@ def enable_sequence_parallel(model: nn.Module, group) -> SequenceParallelState:
             if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
                 layer.sequence_parallel = True
         state.hooks.append(region.register_forward_pre_hook(gather_region, with_kwargs=True))
-        state.hooks.append(region.register_forward_hook(reduce_scatter_region, with_kwargs=True))
     def gather_last(module, args, kwargs, output):
         # Modules after the decoder stack (final norm, reshapes to the input's shape, the LM head) see the whole
         # sequence again; they compute the same full gradient on every rank, so the backward keeps a slice.
+        if rng is not None:
+            rng.unpin()
         if isinstance(output, tuple):
             return (_GatherSequence.apply(output[0], group, state.length, False),) + tuple(output[1:])
         return _GatherSequence.apply(output, group, state.length, False)

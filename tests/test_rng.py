@@ -2,9 +2,9 @@
 
 Every call of torch's dropout is recorded with its keep-mask. Attention-probability dropout (4-D, heads sharded
 over TP) must draw different masks on the two ranks; dropout on replicated hidden states (3-D: embeddings,
-residual branches) identical masks, so the replicas stay equal. Under sequence parallelism the same holds: the residual dropout
-runs on the region's partial sums before its reduce-scatter, where only one mask on every rank keeps the result
-exact. Resume of the per-rank stream is covered by tests/test_resume.py (attention dropout
+residual branches) identical masks, so the replicas stay equal. Under sequence parallelism the residual dropouts run on sequence
+shards inside the decoder stack and must differ too, while the embedding dropout before the stack stays
+identical. Resume of the per-rank stream is covered by tests/test_resume.py (attention dropout
 inside the TP region, bit-exact losses after a restart).
 """
 
@@ -58,7 +58,10 @@ def test_tp_local_dropout_differs_per_rank_and_replicated_dropout_agrees():
     assert all(hidden), calls
 
 
-def test_sequence_parallel_keeps_one_mask_for_the_partial_sums_and_per_rank_attention_masks():
+def test_sequence_parallel_runs_the_whole_stack_on_the_per_rank_stream():
     calls = run_distributed(2, _masks, True)[0]
-    assert [same for dim, _, same in calls if dim == 3] and all(same for dim, _, same in calls if dim == 3), calls
+    embedding, *stack = [(shape, same) for dim, shape, same in calls if dim == 3]
+    assert embedding[1], calls  # before the stack: replicated
+    assert stack and all(shape[1] == 4 for shape, _ in stack), calls  # sequence 8 split over 2 ranks
+    assert not any(same for _, same in stack), calls
     assert not any(same for dim, _, same in calls if dim == 4), calls
