@@ -53,6 +53,9 @@ def setup(args, model):
     config = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
               "zero_optimization": zero, "bf16": {"enabled": True},
               "tensor_parallel": {"autotp_size": args.tp}, "gradient_clipping": 1.0, "steps_per_print": 10 ** 9}
+    if args.provider == "autotp":  # DeepSpeed would reject keys it does not know
+        config["tensor_parallel"].update(kernels=args.kernels, vocab_parallel_loss=args.vocab_parallel,
+                                         sequence_parallel=args.sequence_parallel)
     if args.provider == "autotp":
         import autotp
 
@@ -97,7 +100,7 @@ def setup(args, model):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--provider", choices=["autotp", "deepspeed", "dtensor", "single"], default="autotp")
+    parser.add_argument("--provider", choices=["autotp", "deepspeed", "dtensor", "single", "all"], default="autotp")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--zero", type=int, default=0)
     parser.add_argument("--layers", type=int, default=8)
@@ -108,8 +111,15 @@ def main():
     parser.add_argument("--reduce-bucket", type=float, default=None,
                         help="zero_optimization reduce/allgather_bucket_size (default: each provider's own)")
     parser.add_argument("--losses-csv", default=None, help="also append every step's loss to this CSV")
+    parser.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto", help="autotp only")
+    parser.add_argument("--vocab-parallel", action="store_true", help="autotp: tensor_parallel.vocab_parallel_loss")
+    parser.add_argument("--sequence-parallel", action="store_true", help="autotp: tensor_parallel.sequence_parallel")
+    parser.add_argument("--profile", default=None, help="profile one step after warm-up; write the table here (.md)")
+    parser.add_argument("--gpus", type=int, default=None, help="--provider all: GPUs for the TP providers")
     parser.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.csv"))
     args = parser.parse_args()
+    if args.provider == "all":
+        return run_all(args)
 
     model, config = build_model(args.layers)
     n_params = sum(p.numel() for p in model.parameters())
@@ -119,7 +129,12 @@ def main():
     static_gb = torch.cuda.memory_allocated() / 2 ** 30  # weights (+ masters, optimizer buffers made so far)
     gen = torch.Generator().manual_seed(1234)  # same batch on every rank of a TP group
     times, losses = [], []
-    for _ in range(args.steps):
+    profiler = None
+    for index in range(args.steps):
+        if args.profile and index == args.warmup:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+            profiler.__enter__()
         ids = torch.randint(0, config.vocab_size, (args.micro_batch * dp, args.seq), generator=gen)
         dp_rank = rank // args.tp if args.provider in ("autotp", "deepspeed") else 0
         ids = ids[dp_rank * args.micro_batch:(dp_rank + 1) * args.micro_batch].cuda()
@@ -132,6 +147,10 @@ def main():
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(float(loss.detach().float()))
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            _write_profile(args, profiler, times[-1], rank)
+            profiler = None
     steady = sorted(times[args.warmup:])
     median = steady[len(steady) // 2]
     tokens_per_gpu = args.micro_batch * args.seq * dp / median / world
@@ -139,6 +158,9 @@ def main():
     row = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), world=world,
                provider=args.provider, tp=args.tp if args.provider != "single" else 1, dp=dp, zero=args.zero,
                layers=args.layers, seq=args.seq, micro_batch=args.micro_batch, params=n_params,
+               kernels=args.kernels if args.provider == "autotp" else "",
+               vocab_parallel=int(args.vocab_parallel and args.provider == "autotp"),
+               sequence_parallel=int(args.sequence_parallel and args.provider == "autotp"),
                step_s=round(median, 4), tokens_per_s_per_gpu=round(tokens_per_gpu),
                mfu=round(tokens_per_gpu * flops_per_token / H200_BF16_TFLOPS, 4),
                peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
@@ -166,6 +188,53 @@ def main():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _write_profile(args, profiler, step_s: float, rank: int) -> None:
+    """The profiled step's GPU time by category (rank 0's), as a Markdown table at args.profile."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from profile_summary import format_table, kernels_of, summarise
+
+    if rank != 0:
+        return
+    rows = summarise(kernels_of(profiler), step_s * 1e6)
+    with open(args.profile, "w") as handle:
+        handle.write(f"One {args.provider} step (tp={args.tp}, zero={args.zero}, seq={args.seq}, "
+                     f"kernels={args.kernels}, vocab_parallel={args.vocab_parallel}, sequence_parallel="
+                     f"{args.sequence_parallel}), {step_s * 1e3:.1f} ms, rank 0, {torch.cuda.get_device_name()}, "
+                     f"torch {torch.__version__}, {datetime.date.today().isoformat()}:\n\n{format_table(rows)}\n")
+    print("PROFILE\n" + format_table(rows), flush=True)
+
+
+def run_all(args) -> None:
+    """Every provider one after another in this job (same machine state, same data): single on one GPU, the
+    TP providers on --gpus GPUs. Each appends its row to --csv."""
+    import subprocess
+    import sys
+
+    gpus = args.gpus or args.tp
+    common = ["--tp", str(args.tp), "--zero", str(args.zero), "--layers", str(args.layers), "--seq", str(args.seq),
+              "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+              "--csv", args.csv]
+    if args.losses_csv:
+        common += ["--losses-csv", args.losses_csv]
+    script = os.path.abspath(__file__)
+    runs = [[sys.executable, script, "--provider", "single"] + common]
+    for provider in ("deepspeed", "dtensor", "autotp"):
+        extra = []
+        if provider == "autotp":
+            extra = ["--kernels", args.kernels] + (["--vocab-parallel"] if args.vocab_parallel else []) + \
+                (["--sequence-parallel"] if args.sequence_parallel else []) + \
+                (["--profile", args.profile] if args.profile else [])
+        if provider == "dtensor" and gpus != args.tp:
+            continue  # plain TP only: no data-parallel configuration
+        runs.append(["torchrun", "--standalone", f"--nproc_per_node={gpus}", script, "--provider", provider]
+                    + common + extra)
+    for command in runs:
+        print("RUN " + " ".join(command[-20:]), flush=True)
+        subprocess.run(command, check=False)
 
 
 def _version(name: str) -> str:

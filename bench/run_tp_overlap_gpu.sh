@@ -5,7 +5,7 @@
 set -u
 RES=${OUT:-/tmp/tp_overlap_out}
 mkdir -p "$RES"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 AUTOTP_FUSED_TIMEOUT_S=${AUTOTP_FUSED_TIMEOUT_S:-20}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 AUTOTP_FUSED_TIMEOUT_S=${AUTOTP_FUSED_TIMEOUT_S:-120}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | head -1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 check() {

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Training throughput on the H200 machine (nvidia-h200-x4), Llama-3-8B shape, 8 layers, seq 4096, bf16.
+#   MODE=features bash bench/run_train_gpu.sh   TP=4 ZeRO-1: vocab-parallel loss and sequence parallelism off/on,
+#                                               and kernels torch vs triton (the sequence-parallel issue)
+#   MODE=peers bash bench/run_train_gpu.sh      --provider all for TP4 ZeRO-1, TP2 ZeRO-1, TP2 x DP2 ZeRO-2, with
+#                                               autotp's chosen features and a profile of one autotp step
+# DeepSpeed comes from the wheels in .whl/ (see ../shared/GPU.md). Prints a short table last.
+set -u
+RES=${OUT:-/tmp/train_out}
+mkdir -p "$RES"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+STEPS=${STEPS:-10}
+FEATURES=${FEATURES:---vocab-parallel --sequence-parallel}
+if ls .whl/deepspeed-*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=$PWD:/tmp/site
+fi
+nvidia-smi --query-gpu=name --format=csv,noheader | head -1
+run() {  # label, then bench_train arguments
+  local label=$1; shift
+  timeout 170 torchrun --standalone --nproc_per_node=4 bench/bench_train.py --provider autotp --tp 4 --zero 1 \
+    --steps "$STEPS" --warmup 3 --csv "$RES/train_features.csv" "$@" > "$RES/log_$label.txt" 2>&1
+  grep -h RESULT "$RES/log_$label.txt" > /dev/null || { echo "FAILED $label"; tail -4 "$RES/log_$label.txt"; }
+}
+if [ "${MODE:-features}" = features ]; then
+  run plain --kernels torch
+  run vocab --kernels torch --vocab-parallel
+  run seqpar --kernels torch --sequence-parallel
+  run both --kernels torch --vocab-parallel --sequence-parallel
+  run both_triton --kernels triton --vocab-parallel --sequence-parallel
+  CSV="$RES/train_features.csv"
+else
+  timeout 280 python3 bench/bench_train.py --provider all --tp 4 --gpus 4 --zero 1 --steps "$STEPS" --warmup 3 \
+    --csv "$RES/train_peers.csv" --losses-csv "$RES/train_peers_losses.csv" --profile "$RES/profile_tp4.md" \
+    $FEATURES > "$RES/log_tp4.txt" 2>&1
+  timeout 150 python3 bench/bench_train.py --provider all --tp 2 --gpus 4 --zero 2 --steps "$STEPS" --warmup 3 \
+    --csv "$RES/train_peers.csv" $FEATURES > "$RES/log_tp2dp2.txt" 2>&1
+  CUDA_VISIBLE_DEVICES=0,1 timeout 150 python3 bench/bench_train.py --provider all --tp 2 --gpus 2 --zero 1 \
+    --steps "$STEPS" --warmup 3 --csv "$RES/train_peers.csv" $FEATURES > "$RES/log_tp2.txt" 2>&1
+  CSV="$RES/train_peers.csv"
+  cat "$RES/profile_tp4.md" 2>/dev/null
+fi
+python3 - "$CSV" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+print(f"{'provider':<10} {'tp':>2} {'dp':>2} {'z':>1} {'kern':<6} {'vp':>2} {'sp':>2} {'s/step':>7} {'tok/s/GPU':>9} {'peak GB':>7}  first losses")
+for r in rows:
+    print(f"{r['provider']:<10} {r['tp']:>2} {r['dp']:>2} {r['zero']:>1} {r.get('kernels', ''):<6} {r.get('vocab_parallel', ''):>2} "
+          f"{r.get('sequence_parallel', ''):>2} {r['step_s']:>7} {r['tokens_per_s_per_gpu']:>9} {r['peak_mem_gb']:>7}  {r['first_losses']}")
+PY
