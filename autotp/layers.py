@@ -64,11 +64,11 @@ class _ParallelLinear(nn.Module):
 
         Fused needs CUDA and a TP group of 2-8 ranks; `triton` always fuses, `auto` from TUNING.min_bytes of
         traffic up (no crossover is measured yet, so by default `auto` keeps cuBLAS then NCCL)."""
-        if self.kernels == "torch" or not x.is_cuda or self.layout.tp_size == 1:
+        if self.kernels == "torch" or self.layout.tp_size == 1:
             return None
         from autotp_kernels import fused, symm  # imported on use: triton is only needed for this path
 
-        if not symm.available(self.tp_group):
+        if not (x.is_cuda and symm.available(self.tp_group)) and not fused.TUNING.emulate:
             return None
         if self.kernels == "auto" and comm_bytes < fused.TUNING.min_bytes:
             return None

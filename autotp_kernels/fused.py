@@ -45,6 +45,9 @@ class FusedTuning:
     """`kernels: auto` fuses (with cuBLAS chunks) when the collective moves at least this many bytes; below,
     cuBLAS then NCCL. No crossover has been measured yet (bench/bench_tp_overlap.py), so by default `auto` never
     fuses; `kernels: triton` always does."""
+    emulate: bool = os.environ.get("AUTOTP_FUSED_EMULATE") == "1"
+    """Let the TP layers take their fused code paths without CUDA peer memory: the ops then run cuBLAS (or CPU
+    BLAS) then NCCL (or gloo). For debugging and for CPU tests of the layers' wiring."""
     timeout_s: float = float(os.environ.get("AUTOTP_FUSED_TIMEOUT_S", "300"))
     """An op whose peers have not all arrived after this long (GPU global timer) gives up with an error code."""
 
@@ -102,6 +105,8 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     `join(group)` waits for the reduction's tail."""
     _check_pairs(pairs)
     a0, b0 = pairs[0]
+    if not a0.is_cuda:  # no peer memory: the same function, unfused
+        return sequential_matmul_reduce(pairs, group, scatter=scatter, gemm=gemm)
     seg, S, N = a0.shape[0], a0.shape[1], b0.shape[1]
     ws = symm.workspace(group, a0.device, seg * S * N * a0.element_size())
     world, me = ws.world, ws.rank
@@ -144,6 +149,8 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
 
 def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas"):
     """Gather [SEG, S/W, K] sequence shards into x_full [SEG, S, K] and return (x_full, [x_full @ b for b])."""
+    if not x_shard.is_cuda:  # no peer memory: the same function, unfused
+        return sequential_all_gather_matmul(x_shard, weights, group, gemm=gemm)
     seg, s_own, K = x_shard.shape
     for b in weights:
         if b.dim() != 2 or b.shape[0] != K or b.dtype != x_shard.dtype:
