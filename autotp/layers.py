@@ -103,6 +103,11 @@ class ColumnParallelLinear(_ParallelLinear):
             self.gather_order = None
 
     def forward(self, x):
+        entry = getattr(self, "autotp_entry_output", None)
+        if entry is not None and entry[0] is x:
+            # The sequence-parallel region computed this product while gathering its input (fused).
+            self.autotp_entry_output = None
+            return entry[1] + self.bias if self.bias is not None else entry[1]
         gemm = None if self.sequence_parallel else self._fused_gemm(x, x.numel() * x.element_size())
         if gemm is not None and not self.gather_output:
             from autotp_kernels.tp_linear import ColumnLinearGradAllReduce

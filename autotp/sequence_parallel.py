@@ -5,8 +5,9 @@ activation memory does not shrink with TP. With it (Megatron's scheme, applied t
   - the first decoder layer's input is split over the sequence (backward: all-gather);
   - each TP region (a module holding row-parallel layers: attention, MLP) all-gathers the sequence on entry
     (backward: reduce-scatter, which also sums its column layers' partial input gradients in one collective);
-    its row layers reduce-scatter their partial sums themselves (backward: all-gather; on CUDA with
-    `kernels: triton` fused into the GEMM), so the region's tail (residual dropout) runs on the shard;
+    its row layers reduce-scatter their partial sums themselves (backward: all-gather), so the region's tail
+    (residual dropout) runs on the shard. With the fused kernels both ends run inside GEMMs: the entry gather
+    under the entry column layers' GEMMs (`_GatherMatmuls`), the row layers' reduce-scatter inside theirs;
   - the last decoder layer's output is gathered again (the final norm and the LM head run on the whole sequence,
     which HF models need: several reshape to the input's shape after the final norm);
   - parameters replicated over TP that now see one sequence shard each (norms, row-layer biases) get their
@@ -87,6 +88,44 @@ class _ReduceScatterSequence(torch.autograd.Function):
         return comm.all_gather_raw(grad.contiguous(), ctx.group, ctx.sizes, dim=SEQ_DIM), None
 
 
+class _GatherMatmuls(torch.autograd.Function):
+    """A region's entry, fused: all-gather the sequence and multiply it by every entry column layer's weight while
+    the shards arrive. forward: (x_full, y_1, ..., y_n); backward: the input gradient sum_i dy_i W_i (+ the
+    gradient of x_full from other consumers) reduce-scattered over the sequence, fused with its GEMMs, and the
+    weight gradients dy_i^T x_full."""
+
+    @staticmethod
+    def forward(ctx, x_shard, group, gemm, layers, *weights):
+        from autotp_kernels import fused
+        from autotp_kernels.tp_linear import _w_kn
+
+        x_full, ys = fused.all_gather_matmul(x_shard.contiguous(), [_w_kn(w, m.conv1d) for w, m in
+                                                                    zip(weights, layers)], group, gemm=gemm)
+        ctx.save_for_backward(x_full, *weights)
+        ctx.group, ctx.gemm, ctx.layers = group, gemm, layers
+        return (x_full, *ys)
+
+    @staticmethod
+    def backward(ctx, grad_x_full, *grad_ys):
+        from autotp_kernels import fused
+        from autotp_kernels.tp_linear import _w_nk, weight_grad
+
+        x_full, *weights = ctx.saved_tensors
+        pairs = [(g.contiguous(), _w_nk(w, m.conv1d)) for g, w, m in zip(grad_ys, weights, ctx.layers)
+                 if g is not None]
+        sizes = _sizes(x_full.shape[SEQ_DIM], ctx.group)
+        dx = fused.matmul_reduce(pairs, ctx.group, scatter=True, gemm=ctx.gemm, defer_join=True) if pairs else None
+        x_2d = x_full.reshape(-1, x_full.shape[-1])
+        grad_ws = [None if g is None else weight_grad(g.reshape(-1, g.shape[-1]), x_2d, m.conv1d, ctx.gemm)
+                   for g, m in zip(grad_ys, ctx.layers)]
+        if pairs:
+            fused.join(ctx.group, x_full.device)
+        if grad_x_full is not None:
+            extra = _reduce_scatter_seq(grad_x_full, ctx.group, sizes)
+            dx = extra if dx is None else dx + extra
+        return (dx, None, None, None, *grad_ws)
+
+
 def _hidden_states(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
 
@@ -135,7 +174,18 @@ def enable_sequence_parallel(model: nn.Module, group) -> SequenceParallelState:
 
     def gather_region(module, args, kwargs):
         x = _hidden_states(args, kwargs)
+        entry = entries[module]
+        gemm = entry[0]._fused_gemm(x, x.numel() * x.element_size()) if entry else None
+        if gemm is not None and x.dim() == 3 and state.length % comm.group_size(group) == 0:
+            x_full, *ys = _GatherMatmuls.apply(x, group, gemm, entry, *[m.weight for m in entry])
+            for layer, y in zip(entry, ys):
+                layer.autotp_entry_output = (x_full, y)  # taken (once) by the layer when called with x_full
+            return _replace_hidden_states(args, kwargs, x_full)
         return _replace_hidden_states(args, kwargs, _GatherSequence.apply(x, group, state.length, True))
+
+    def clear_region(module, args, output):
+        for layer in entries[module]:  # outputs a layer was not called for must not outlive the forward
+            layer.autotp_entry_output = None
 
     state.hooks.append(layers[0].register_forward_pre_hook(scatter, with_kwargs=True))
     regions = {}
@@ -143,11 +193,17 @@ def enable_sequence_parallel(model: nn.Module, group) -> SequenceParallelState:
         for child in module.children():
             if isinstance(child, RowParallelLinear):
                 regions[name] = module
+    # The region's entry layers: column layers that are its direct children (q, k, v; gate, up; GPT-2's c_attn,
+    # c_fc), which HF models call on the region's input. A layer called on anything else computes as usual.
+    entries = {region: [child for child in region.children()
+                        if isinstance(child, ColumnParallelLinear) and not child.gather_output]
+               for region in regions.values()}
     for region in regions.values():
         for layer in region.modules():
             if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
                 layer.sequence_parallel = True
         state.hooks.append(region.register_forward_pre_hook(gather_region, with_kwargs=True))
+        state.hooks.append(region.register_forward_hook(clear_region))
     def gather_last(module, args, kwargs, output):
         # Modules after the decoder stack (final norm, reshapes to the input's shape, the LM head) see the whole
         # sequence again; they compute the same full gradient on every rank, so the backward keeps a slice.

@@ -25,8 +25,12 @@ def _train(rank, world_size, family, kernels, sequence_parallel):
     fused.TUNING.emulate = True
     fused.TUNING.min_bytes = 0
     used = set()
-    for name in ("RowLinearAllReduce", "ColumnLinearGradAllReduce", "RowLinearReduceScatter"):
-        function = getattr(tp_linear, name)
+    from autotp import sequence_parallel as sp_module
+
+    functions = {name: getattr(tp_linear, name) for name in ("RowLinearAllReduce", "ColumnLinearGradAllReduce",
+                                                              "RowLinearReduceScatter")}
+    functions["_GatherMatmuls"] = sp_module._GatherMatmuls
+    for name, function in functions.items():
         original = function.apply
 
         def counting(*args, _original=original, _name=name):
@@ -54,8 +58,8 @@ def _train(rank, world_size, family, kernels, sequence_parallel):
 def test_fused_paths_train_like_torch(family, sequence_parallel):
     fused_run = run_distributed(2, _train, family, "auto", sequence_parallel)[0]
     plain_run = run_distributed(2, _train, family, "torch", sequence_parallel)[0]
-    expected = ["RowLinearReduceScatter"] if sequence_parallel else ["ColumnLinearGradAllReduce",
-                                                                     "RowLinearAllReduce"]
+    expected = (["RowLinearReduceScatter", "_GatherMatmuls"] if sequence_parallel
+                else ["ColumnLinearGradAllReduce", "RowLinearAllReduce"])
     assert fused_run[2] == expected and plain_run[2] == []
     torch.testing.assert_close(torch.tensor(fused_run[0]), torch.tensor(plain_run[0]), rtol=1e-5, atol=0)
     for name, value in plain_run[1].items():
