@@ -55,3 +55,15 @@ def batch(seed: int = 1, batch_size: int = 2, seq: int = 12):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch_size, seq), generator=gen)
     return ids
+
+
+def engine_losses(engine, steps: int = 3, seed: int = 40) -> list:
+    """Train `engine` for `steps` steps on fixed batches (2 x 8 tokens, labels = inputs); the losses."""
+    losses = []
+    for step in range(steps):
+        ids = batch(seed=seed + step, batch_size=2, seq=8)
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    return losses

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from families import batch, tiny_model
+from families import engine_losses, tiny_model
 
 pytest.importorskip("triton")
 
@@ -43,14 +43,7 @@ def _train(rank, world_size, family, kernels, sequence_parallel):
               "tensor_parallel": {"autotp_size": 2, "kernels": kernels, "sequence_parallel": sequence_parallel},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "eps": 1e-3}}}
     engine, _, _, _ = autotp.initialize(model=model, config=config)
-    losses = []
-    for step in range(3):
-        ids = batch(seed=40 + step, batch_size=2, seq=8)
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss.detach()))
-    return losses, engine.consolidated_state_dict(), sorted(used)
+    return engine_losses(engine), engine.consolidated_state_dict(), sorted(used)
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])

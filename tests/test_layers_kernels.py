@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from families import batch, tiny_model
+from families import engine_losses, tiny_model
 
 pytest.importorskip("triton")
 
@@ -24,14 +24,7 @@ def _train(rank, world_size, family, kernels):
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "eps": 1e-3}}}
     engine, _, _, _ = autotp.initialize(model=model, config=config)
     kinds = {m.kernels for m in engine.module.modules() if hasattr(m, "kernels")}
-    losses = []
-    for step in range(3):
-        ids = batch(seed=40 + step, batch_size=2, seq=8)
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss.detach()))
-    return losses, engine.consolidated_state_dict(), kinds
+    return engine_losses(engine), engine.consolidated_state_dict(), kinds
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear and Conv1D layers
