@@ -50,9 +50,9 @@ class _ParallelLinear(nn.Module):
         self.tp_rank = tp_rank
         self.conv1d = conv1d
         self.kernels = "torch"
+        """GEMMs and collectives: `torch`, `triton` or `auto` (see `_fused_gemm`); set by `parallelize`."""
         self.sequence_parallel = False
-        """Inside a sequence-parallel region: the region gathers the input and reduce-scatters the output."""
-        """GEMM implementation: `torch` (cuBLAS / CPU BLAS) or `triton` (autotp_kernels); set by `parallelize`."""
+        """Inside a sequence-parallel region: the region gathers the input; a row layer reduce-scatters its output."""
         self.full_in_features = full_in
         self.full_out_features = full_out
         # Linear-compatible attributes: HF code sometimes reads these (e.g. `module.in_features`).
@@ -68,9 +68,9 @@ class _ParallelLinear(nn.Module):
             return None
         from autotp_kernels import fused, symm  # imported on use: triton is only needed for this path
 
-        if not (x.is_cuda and symm.available(self.tp_group)) and not fused.TUNING.emulate:
-            return None
         if self.kernels == "auto" and comm_bytes < fused.TUNING.min_bytes:
+            return None
+        if not (x.is_cuda and symm.available(self.tp_group)) and not fused.TUNING.emulate:
             return None
         return "triton" if self.kernels == "triton" else "cublas"
 
@@ -147,18 +147,21 @@ class RowParallelLinear(_ParallelLinear):
                 x = comm.split_to_tp(x, self.tp_group, self.split_sizes)
             else:
                 x = comm.copy_to_tp(x, self.tp_group).index_select(-1, self.input_index)
-        if not self.sequence_parallel:
-            gemm = self._fused_gemm(x, x[..., :1].numel() * self.out_features * x.element_size())
-            if gemm is not None:
-                from autotp_kernels.tp_linear import RowLinearAllReduce
-
-                y = RowLinearAllReduce.apply(x, self.weight, self.conv1d, self.tp_group, gemm)
-                return y + self.bias if self.bias is not None else y
         if self.sequence_parallel:
             return self._forward_sequence_parallel(x)
+        gemm = self._fused_gemm(x, self._output_bytes(x))
+        if gemm is not None:
+            from autotp_kernels.tp_linear import RowLinearAllReduce
+
+            y = RowLinearAllReduce.apply(x, self.weight, self.conv1d, self.tp_group, gemm)
+            return y + self.bias if self.bias is not None else y
         y_partial = _linear(x, self.weight, None, self.conv1d, self.kernels)
         y = comm.reduce_from_tp(y_partial, self.tp_group)
         return y + self.bias if self.bias is not None else y
+
+    def _output_bytes(self, x) -> int:
+        """Bytes of the unreduced output [..., N]: what the all-reduce or reduce-scatter moves."""
+        return x[..., :1].numel() * self.out_features * x.element_size()
 
     def _forward_sequence_parallel(self, x):
         """x [B, S, K/R] (the region gathered the sequence) -> y [B, S/R, N]: the partial sums are reduce-scattered
@@ -166,7 +169,7 @@ class RowParallelLinear(_ParallelLinear):
         from .sequence_parallel import SEQ_DIM, _ReduceScatterSequence  # sequence_parallel imports this module
 
         world = self.layout.tp_size
-        gemm = self._fused_gemm(x, x[..., :1].numel() * self.out_features * x.element_size())
+        gemm = self._fused_gemm(x, self._output_bytes(x))
         if gemm is not None and x.dim() == 3 and x.shape[SEQ_DIM] % world == 0:
             from autotp_kernels.tp_linear import RowLinearReduceScatter
 

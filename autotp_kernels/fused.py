@@ -68,6 +68,14 @@ def _mm(a, b, out, accumulate: bool, gemm: str):
         torch.mm(a, b, out=out)
 
 
+def _gemm_rows(pairs, out, lo: int, hi: int, gemm: str):
+    """out[:, lo:hi] = sum_i a_i[:, lo:hi] @ b_i, segment by segment (each a contiguous row range)."""
+    for s in range(out.shape[0]):
+        for i, (a, b) in enumerate(pairs):
+            _mm(a[s, lo:hi], b, out[s, lo:hi], i > 0, gemm)
+    return out
+
+
 def _pieces(S: int, world: int) -> int:
     """Chunks per owner slice: about TUNING.chunk_rows rows each, at most MAX_CHUNKS chunks in all."""
     return max(1, min(MAX_CHUNKS // world, round((S // world) / TUNING.chunk_rows)))
@@ -121,10 +129,7 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     compute = torch.cuda.current_stream(a0.device)
     align = alignment(N, a0.element_size())
     for c in range(world * pieces):
-        lo, hi = _chunk_rows(c, S, world, pieces)
-        for s in range(seg):
-            for i, (a, b) in enumerate(pairs):
-                _mm(a[s, lo:hi], b, partial[s, lo:hi], i > 0, gemm)
+        _gemm_rows(pairs, partial, *_chunk_rows(c, S, world, pieces), gemm)
         # One reduction launch per chunk, stream-ordered after this chunk's GEMM: a spinning kernel then only
         # ever waits for GEMMs that are already running or done on every rank. A reduction that spanned the
         # whole op would hold SMs that a later chunk's persistent cuBLAS GEMM (one CTA per SM) needs to finish,
@@ -196,7 +201,7 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
 
 def join(group, device: torch.device) -> None:
     """Make the compute stream wait for the tail of the group's last deferred reduction."""
-    ws = symm._workspaces.get((group.group_name, device.index))
+    ws = symm.existing(group, device)
     if ws is not None:
         ws.join()
 
@@ -206,10 +211,7 @@ def join(group, device: torch.device) -> None:
 def _gemm_sum(pairs, gemm: str):
     a0, b0 = pairs[0]
     out = torch.empty((a0.shape[0], a0.shape[1], b0.shape[1]), dtype=a0.dtype, device=a0.device)
-    for s in range(a0.shape[0]):
-        for i, (a, b) in enumerate(pairs):
-            _mm(a[s], b, out[s], i > 0, gemm)
-    return out
+    return _gemm_rows(pairs, out, 0, a0.shape[1], gemm)
 
 
 def sequential_matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas"):

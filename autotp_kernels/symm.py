@@ -21,6 +21,7 @@ Flag words (int32, in each rank's own allocation; written by the rank named):
 from __future__ import annotations
 
 import importlib.util
+import math
 import warnings
 from typing import Optional
 
@@ -37,6 +38,7 @@ ERROR_OFF = XREADY_OFF + MAX_RANKS
 FLAG_WORDS = ERROR_OFF + 64  # padded: data starts 256-byte aligned
 FLAG_BYTES = FLAG_WORDS * 4
 
+_HAS_SYMM_MEM = importlib.util.find_spec("torch.distributed._symmetric_memory") is not None
 _workspaces: dict = {}
 _retired: list = []  # outgrown workspaces stay mapped: a slower peer may still read them
 
@@ -123,10 +125,7 @@ class Workspace:
         return self.epoch
 
     def data_view(self, rank: int, epoch: int, shape, dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for s in shape:
-            numel *= s
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         return self.data[epoch % 2][rank][:nbytes].view(dtype).view(shape)
 
     def defer_join(self, event: torch.cuda.Event) -> None:
@@ -147,17 +146,21 @@ class Workspace:
                 "failed or did not run the same layer")
 
 
+def existing(group, device: torch.device) -> Optional[Workspace]:
+    """The group's workspace on `device` if a fused op made one."""
+    return _workspaces.get((group.group_name, device.index))
+
+
 def workspace(group, device: torch.device, data_bytes: int) -> Workspace:
     """The group's workspace, grown (collectively: every rank asks for the same sizes in the same order)."""
-    key = (group.group_name, device.index)
-    ws = _workspaces.get(key)
+    ws = existing(group, device)
     if ws is None or ws.data_bytes < data_bytes:
         if ws is not None:
             ws.join()
             _retired.append(ws)
             data_bytes = max(data_bytes, 2 * ws.data_bytes)
         ws = Workspace(group, device, data_bytes)
-        _workspaces[key] = ws
+        _workspaces[(group.group_name, device.index)] = ws
     return ws
 
 
@@ -171,6 +174,4 @@ def available(group) -> bool:
     """Symmetric memory can be used for this group: CUDA, torch with symm_mem, more than one rank."""
     if group is None or not dist.is_initialized() or not torch.cuda.is_available():
         return False
-    if dist.get_world_size(group) < 2 or dist.get_world_size(group) > MAX_RANKS:
-        return False
-    return importlib.util.find_spec("torch.distributed._symmetric_memory") is not None
+    return _HAS_SYMM_MEM and 2 <= dist.get_world_size(group) <= MAX_RANKS
