@@ -1,7 +1,9 @@
 """Triton kernels that move data between TP peers through the symmetric-memory workspace (see `symm`).
 
-Flags are epoch-valued and polled with system-scope acquire loads; a wait that runs out of spins records an
+Flags are epoch-valued and polled with system-scope acquire loads; a wait that runs out of time records an
 error code on this rank and lets the kernel finish (no hang): `symm.check_errors` turns it into an exception.
+The error is sticky: once it is set, later launches on this rank wait no more, so a lost peer costs one timeout,
+not one per remaining launch (a training step makes hundreds).
 Each rank's reduction sums the W partials in rank order 0..W-1 in fp32 and every rank copies the owner's
 rounded result, so the output is bit-identical on every rank and across runs (no atomics on data).
 
@@ -58,6 +60,13 @@ def _wait(flag_ptr, epoch, deadline, err_ptr, code, TIMER: tl.constexpr):
 
 
 @triton.jit
+def _start(err_ptr, timeout, TIMER: tl.constexpr):
+    """The deadline of a launch: now + timeout, or 0 (wait no more) when an earlier wait on this rank failed."""
+    failed = tl.load(err_ptr, volatile=True) != 0
+    return tl.where(failed, 0, _now(TIMER) + timeout)
+
+
+@triton.jit
 def _signal_all(flag_table, index, epoch, W: tl.constexpr):
     """flags[index] = epoch in every rank's workspace (release: this CTA's earlier writes are visible first)."""
     tl.debug_barrier()
@@ -74,7 +83,9 @@ def signal_kernel(flag_table, index, epoch, W: tl.constexpr):
 @triton.jit(do_not_specialize=["rank", "index", "epoch", "timeout"])
 def wait_kernel(flag_table, rank, index, epoch, timeout, code, TIMER: tl.constexpr):
     flags = tl.load(flag_table + rank).to(tl.pointer_type(tl.int32))
-    _wait(flags + index, epoch, _now(TIMER) + timeout, flags + ERROR_OFF, code, TIMER)
+    deadline = _start(flags + ERROR_OFF, timeout, TIMER)
+    if deadline > 0:
+        _wait(flags + index, epoch, deadline, flags + ERROR_OFF, code, TIMER)
 
 
 @triton.jit
@@ -110,7 +121,7 @@ def reduce_chunks_kernel(data_table, out_ptr, flag_table, rank, epoch, timeout, 
     err_ptr = my_flags + ERROR_OFF
     my_data = tl.load(data_table + rank).to(tl.pointer_type(out_ptr.dtype.element_ty))
     offs = tl.arange(0, BLOCK)
-    budget = _now(TIMER) + timeout
+    budget = _start(err_ptr, timeout, TIMER)
     for c in range(C0, C1):
         if SIGNAL_READY:
             if pid == 0:

@@ -246,14 +246,14 @@ def main():
             print(f"{model:10s} {proj:7s} {op} M={M:5d} K={K:5d} N={N:5d} | gemm {r['gemm']:.3f} coll "
                   f"{r['coll']:.3f} seq {r['seq']:.3f} symm {r.get('symm', float('nan')):.3f} fused "
                   f"{r['fused']:.3f} | eff {row['overlap_eff']:.2f} fused/max {row['fused_over_max']:.2f}", flush=True)
-    if dist.get_rank() == 0:
-        fields = []
-        for row in rows:
-            fields += [k for k in row if k not in fields]
-        with open(os.path.join(args.out, f"tp_overlap_w{world}.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+            # Rewritten after every case: a run cut short by the device's time limit keeps what it measured.
+            fields = []
+            for done in rows:
+                fields += [k for k in done if k not in fields]
+            with open(os.path.join(args.out, f"tp_overlap_w{world}.csv"), "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
     if args.gemm_check:
         gemm_check(args.out, dtype)
     dist.barrier()

@@ -1,6 +1,6 @@
 """GPU check of the fused GEMM + collective kernels (not collected by CI: it needs CUDA and 2+ GPUs).
 
-    torchrun --standalone --nproc_per_node=4 tests/gpu/fused_check.py
+    torchrun --standalone --nproc_per_node=4 tests/gpu/fused_check.py [all|kernels|training]
 
 Tolerance, argued from torch's own error: every path rounds each rank's partial GEMM to the working precision;
 cuBLAS then NCCL also rounds each of the ring's W-1 partial sums, while the fused kernel sums in fp32 and
@@ -9,7 +9,9 @@ error by more than 25% (the margin covers chunked GEMMs picking kernels that rou
 also be bit-identical on every rank and across repeated runs. Prints one line per case and 'ALL OK'.
 """
 
+import faulthandler
 import os
+import signal
 import sys
 import time
 
@@ -220,6 +222,8 @@ def check_training(world):
         engine, _, _, _ = autotp.initialize(model=model, config=config)
         run = []
         for step in range(4):
+            if dist.get_rank() == 0:
+                print(f"  training {kernels} step {step} at {time.strftime('%X')}", flush=True)
             ids = batch(seed=40 + step, batch_size=2, seq=64).cuda()
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
@@ -252,10 +256,25 @@ def check_timeout(group):
 
 
 def main():
+    # A hang is killed by torchrun's SIGTERM: dump every thread's Python stack first, so the log shows where.
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    only = sys.argv[1] if len(sys.argv) > 1 else "all"  # all | kernels | training
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     group = dist.group.WORLD
+    if only in ("all", "kernels"):
+        check_kernels(group, world)
+    if only in ("all", "training"):
+        check_training(world)
+    check_timeout(group)
+    if rank == 0:
+        print("ALL OK" if all(RESULTS) else "SOME FAILED", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def check_kernels(group, world):
     for dtype in (torch.bfloat16, torch.float16):
         for gemm in ("cublas", "triton"):
             check_reduce(group, dtype, 1, 4096, 1024, 2048, scatter=False, gemm=gemm)
@@ -265,12 +284,6 @@ def main():
         check_all_gather(group, dtype, 2, 500, 768, 640, "triton")
         check_autograd(group, dtype)
     check_reduce(group, torch.float32, 1, 2048, 512, 1024, scatter=False, gemm="cublas")
-    check_training(world)
-    check_timeout(group)
-    if rank == 0:
-        print("ALL OK" if all(RESULTS) else "SOME FAILED", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
