@@ -27,7 +27,8 @@ if [ "${MODE:-features}" = features ]; then
   run vocab --kernels torch --vocab-parallel
   run seqpar --kernels torch --sequence-parallel
   run both --kernels torch --vocab-parallel --sequence-parallel
-  run both_triton --kernels triton --vocab-parallel --sequence-parallel
+  # The fused kernels' own bench (bench/run_tp_overlap_gpu.sh) decides whether this row is worth its minutes.
+  [ "${TRITON_RUN:-1}" = 1 ] && run both_triton --kernels triton --vocab-parallel --sequence-parallel
   CSV="$RES/train_features.csv"
 else
   timeout 280 python3 bench/bench_train.py --provider all --tp 4 --gpus 4 --zero 1 --steps "$STEPS" --warmup 3 \
