@@ -195,16 +195,18 @@ def _write_profile(args, profiler, step_s: float, rank: int) -> None:
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from profile_summary import format_table, kernels_of, summarise
+    from profile_summary import format_table, format_top, kernels_of, summarise, top_kernels
 
     if rank != 0:
         return
-    rows = summarise(kernels_of(profiler), step_s * 1e6)
+    kernels = kernels_of(profiler)
+    rows = summarise(kernels, step_s * 1e6)
     with open(args.profile, "w") as handle:
         handle.write(f"One {args.provider} step (tp={args.tp}, zero={args.zero}, seq={args.seq}, "
                      f"kernels={args.kernels}, vocab_parallel={args.vocab_parallel}, sequence_parallel="
                      f"{args.sequence_parallel}), {step_s * 1e3:.1f} ms, rank 0, {torch.cuda.get_device_name()}, "
-                     f"torch {torch.__version__}, {datetime.date.today().isoformat()}:\n\n{format_table(rows)}\n")
+                     f"torch {torch.__version__}, {datetime.date.today().isoformat()}:\n\n{format_table(rows)}\n\n"
+                     f"Kernels with the most GPU time:\n\n{format_top(top_kernels(kernels))}\n")
     print("PROFILE\n" + format_table(rows), flush=True)
 
 

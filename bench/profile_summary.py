@@ -80,6 +80,23 @@ def summarise(kernels, step_us: float) -> list[dict]:
     return rows
 
 
+def top_kernels(kernels, count: int = 15) -> list[dict]:
+    """The `count` kernels with the most summed time: name (cut to 90 characters), calls, ms, category."""
+    by_name: dict = {}
+    for name, start, end in kernels:
+        calls, busy = by_name.get(name, (0, 0.0))
+        by_name[name] = (calls + 1, busy + end - start)
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][1])[:count]
+    return [{"kernel": name[:90], "calls": calls, "ms": round(busy / 1e3, 3), "category": category(name)}
+            for name, (calls, busy) in ranked]
+
+
+def format_top(rows) -> str:
+    lines = ["| kernel | calls | ms | category |", "|---|---|---|---|"]
+    lines += [f"| `{r['kernel']}` | {r['calls']} | {r['ms']} | {r['category']} |" for r in rows]
+    return "\n".join(lines)
+
+
 def kernels_of(profiler) -> list:
     """(name, start_us, end_us) of the GPU kernels a torch.profiler.profile recorded."""
     out = []

@@ -30,3 +30,13 @@ def test_exposed_collective_time_is_what_no_compute_kernel_covers():
     assert rows["GEMM"]["kernel_ms"] == 0.11
     # Busy: 0-180 and 200-260 -> 240 us; idle 60 us of 300.
     assert rows["GPU idle"]["kernel_ms"] == 0.06
+
+
+def test_top_kernels_rank_by_summed_time_and_count_calls():
+    from profile_summary import top_kernels
+
+    kernels = [("gemm_a", 0, 100), ("ncclDevKernel_AllReduce", 100, 130), ("ncclDevKernel_AllReduce", 200, 290),
+               ("elementwise", 300, 310)]
+    top = top_kernels(kernels, count=2)
+    assert [r["kernel"] for r in top] == ["ncclDevKernel_AllReduce", "gemm_a"]
+    assert top[0]["calls"] == 2 and top[0]["ms"] == 0.12 and top[0]["category"] == "collectives"
