@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 logger = logging.getLogger("autotp")
 
@@ -62,6 +62,13 @@ def _get_bool(d: dict, key: str, path: str, default: bool) -> bool:
     value = d.get(key, default)
     if not isinstance(value, bool):
         _fail(f"{path}{key}", value, "must be true or false")
+    return value
+
+
+def _get_bool_or_auto(d: dict, key: str, path: str) -> Union[bool, str]:
+    value = d.get(key, "auto")
+    if not isinstance(value, bool) and value != "auto":
+        _fail(f"{path}{key}", value, "must be true, false or \"auto\"")
     return value
 
 
@@ -205,8 +212,10 @@ class TensorParallelConfig:
     partition_config: Optional[PartitionConfig] = None
     kernels: str = "auto"
     """GEMMs of the TP layers: `torch`, `triton` (autotp_kernels), or `auto` (torch until measurements pick)."""
-    vocab_parallel_loss: bool = False
-    """Keep the LM head's logits split over the vocabulary and compute the loss vocab-parallel (no full logits)."""
+    vocab_parallel_loss: Union[bool, str] = "auto"
+    """Keep the LM head's logits split over the vocabulary and compute the loss vocab-parallel (no full logits).
+    `auto` (default) turns it on where it is exact by construction (`vocab_parallel.supports_vocab_parallel_loss`):
+    at TP=4 on Llama-3-8B's shape it is worth +27% tokens/s and -38% peak memory (bench/results/train_features.csv)."""
     sequence_parallel: bool = False
     """Split activations over the sequence between TP regions (norms, residuals, dropout on 1/tp of it)."""
 
@@ -336,7 +345,7 @@ def _parse_tensor_parallel(d: dict, unused: list) -> TensorParallelConfig:
     return TensorParallelConfig(autotp_size=size, preset_model=preset,
                                 partition_config=parse_partition_config(raw.get("partition_config")),
                                 kernels=kernels,
-                                vocab_parallel_loss=_get_bool(raw, "vocab_parallel_loss", "tensor_parallel.", False),
+                                vocab_parallel_loss=_get_bool_or_auto(raw, "vocab_parallel_loss", "tensor_parallel."),
                                 sequence_parallel=_get_bool(raw, "sequence_parallel", "tensor_parallel.", False))
 
 

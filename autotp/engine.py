@@ -30,7 +30,7 @@ from .groups import ParallelGroups, build_groups, groups_from_mesh, groups_from_
 from .loss_scaler import LossScaler
 from .optim import build_optimizer, build_scheduler
 from .replace import parallelize, set_kernels
-from .vocab_parallel import enable_vocab_parallel_loss
+from .vocab_parallel import enable_vocab_parallel_loss, supports_vocab_parallel_loss
 from .zero.partitioned import PartitionedState
 from .zero.replicated import ReplicatedState
 
@@ -312,12 +312,16 @@ def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=N
         model.autotp_state.groups = groups
     elif "kernels" in (raw.get("tensor_parallel") or {}):
         set_kernels(model, cfg.tensor_parallel.kernels)  # tp_model_init sharded it; the config picks GEMMs
-    if cfg.tensor_parallel.vocab_parallel_loss and groups.tp_size > 1 and state is not None:
+    vocab = cfg.tensor_parallel.vocab_parallel_loss
+    if vocab == "auto":
+        vocab = supports_vocab_parallel_loss(model)
+    if vocab and groups.tp_size > 1 and state is not None:
         try:  # sharded by tp_model_init / parallelize without it: works if its LM head is vocab-split
             enable_vocab_parallel_loss(model)
         except ValueError as err:  # the same model on every rank: every rank raises this
-            raise ConfigError(f"config key 'tensor_parallel.vocab_parallel_loss' = True: {err}; call "
-                              "autotp.parallelize(..., vocab_parallel=True)") from None
+            if cfg.tensor_parallel.vocab_parallel_loss is True:  # `auto` keeps the LM head as it was sharded
+                raise ConfigError(f"config key 'tensor_parallel.vocab_parallel_loss' = True: {err}; call "
+                                  "autotp.parallelize(..., vocab_parallel=True)") from None
     device = _device_for_run()
     dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
     model.to(device)

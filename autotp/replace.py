@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -18,8 +18,8 @@ import torch.nn as nn
 from . import comm
 from .config import PartitionConfig, parse_partition_config
 from .groups import ParallelGroups, build_groups, groups_from_mesh, groups_from_tp_group
-from .layers import (KERNELS, ColumnParallelEmbeddingMixin, ColumnParallelLinear, RowParallelLinear, TPExpertsMixin,
-                     VocabParallelEmbeddingMixin, mix_into)
+from .layers import (KERNELS, ColumnParallelEmbeddingMixin, ColumnParallelLinear, InputCopies, RowParallelLinear,
+                     TPExpertsMixin, VocabParallelEmbeddingMixin, mix_into)
 from .plan import (Action, ModelDims, PlanError, Rule, Target, build_rules, format_plan, model_dims, resolve_plan,
                    rules_from_tp_plan)
 from .presets import ATTENTION_ATTRIBUTES, FAMILY_OPTIONS, PRESETS
@@ -297,6 +297,17 @@ def _vocab_parallel_rules(model: nn.Module) -> list:
     return rules
 
 
+def _share_input_copies(model: nn.Module, hooks: list) -> None:
+    """Column layers reading the same tensor share one input copy (one all-reduce of their summed input
+    gradients); the cache is emptied around every forward of the model."""
+    copies = InputCopies()
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear):
+            module.autotp_input_copies = copies
+    hooks.append(model.register_forward_pre_hook(copies.clear))
+    hooks.append(model.register_forward_hook(copies.clear))
+
+
 def set_kernels(model: nn.Module, kernels: str) -> None:
     """GEMM implementation of every TP linear layer: `torch` (cuBLAS, then NCCL), `triton` (autotp_kernels' GEMM,
     collectives fused into it on CUDA), `auto` (cuBLAS with the fused collectives where the layer's traffic is
@@ -308,8 +319,12 @@ def set_kernels(model: nn.Module, kernels: str) -> None:
 
 def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, preset_model: Optional[str] = None,
                 partition_config: Any = None, device_mesh=None, verbose: bool = True,
-                kernels: str = "auto", vocab_parallel: bool = False, sequence_parallel: bool = False) -> nn.Module:
+                kernels: str = "auto", vocab_parallel: Union[bool, str] = False,
+                sequence_parallel: bool = False) -> nn.Module:
     """Shard `model` in place over the TP group and return it.
+
+    `vocab_parallel`: True, False, or "auto" (on where `supports_vocab_parallel_loss(model)`, see
+    `vocab_parallel`).
 
     `partition_config` is DeepSpeed's `partition_config` (dict or `PartitionConfig`) or an HF-style tp_plan
     (`{"layers.*.mlp.up_proj": "colwise", ...}`), like `parallelize_module`'s plan.
@@ -320,7 +335,13 @@ def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, 
         raise PlanError(f"kernels '{kernels}' is unknown; choose one of {list(KERNELS)}")
     if preset_model is not None and preset_model.lower() not in PRESETS:
         raise PlanError(f"preset_model '{preset_model}' is unknown; known: {sorted(PRESETS)}")
+    if vocab_parallel not in (True, False, "auto"):
+        raise PlanError(f"vocab_parallel must be true, false or 'auto', got {vocab_parallel!r}")
     groups = _resolve_groups(tp_size, tp_group, device_mesh)
+    if vocab_parallel == "auto":
+        from .vocab_parallel import supports_vocab_parallel_loss
+
+        vocab_parallel = groups.tp_size > 1 and supports_vocab_parallel_loss(model)
     config = getattr(model, "config", None)
     dims = model_dims(config)
     targets = collect_targets(model)
@@ -349,6 +370,8 @@ def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, 
     set_kernels(model, kernels)
     state = TPState(groups, actions, source, dims, sharder.hooks)
     model.autotp_state = state
+    if groups.tp_size > 1:
+        _share_input_copies(model, state.hooks)
     if groups.tp_size > 1:
         from .rng import enable_tp_dropout_streams
 

@@ -356,7 +356,7 @@ def _load_module(engine, reader: _Reader, meta: dict, strict: bool) -> None:
         for name, tensor in state.items():
             if name not in own:
                 continue
-            if old_tp == new_tp or name not in meta["layouts"]:
+            if _stored_as_here(name, meta, tensor, new_tp):
                 value = own[name]
             else:
                 value = _reshard(name, meta, tensor, engine.groups.tp_rank,
@@ -367,13 +367,29 @@ def _load_module(engine, reader: _Reader, meta: dict, strict: bool) -> None:
             tensor.copy_(value)
 
 
+def _stored_as_here(name: str, meta: dict, target: torch.Tensor, tp_size: int) -> bool:
+    """Whether a TP rank's saved copy of `name` is this model's shard as it stands: the same TP size and the same
+    layout (or replicated in both). A checkpoint saved with another sharding of a tensor (e.g. the embedding
+    without `vocab_parallel_loss`) is resharded instead, so it does not depend on that flag."""
+    if meta["tp_size"] != tp_size:
+        return False
+    info = meta["layouts"].get(name)
+    layout = getattr(target, "autotp_layout", None)
+    if info is None or layout is None:
+        return info is None and layout is None
+    return _layout_to_data(layout) == info["layout"]
+
+
 def _reshard(name: str, meta: dict, target: torch.Tensor, tp_rank: int, old_shard) -> torch.Tensor:
     """`tp_rank`'s shard of `name` in the layout of `target` (this model's tensor), from `old_shard(r)` of every
-    old TP rank."""
-    info = meta["layouts"][name]
-    old_layout, full_shape = _layout_from_data(info["layout"]), info["full_shape"]
-    shards = [old_shard(r).reshape(local_shape(old_layout, full_shape, r)) for r in range(meta["tp_size"])]
-    full = unshard_tensor(shards, old_layout, full_shape)
+    old TP rank (a tensor saved replicated: from `old_shard(0)`)."""
+    info = meta["layouts"].get(name)
+    if info is None:
+        full = old_shard(0).reshape(getattr(target, "autotp_full_shape", target.shape))
+    else:
+        old_layout, full_shape = _layout_from_data(info["layout"]), info["full_shape"]
+        shards = [old_shard(r).reshape(local_shape(old_layout, full_shape, r)) for r in range(meta["tp_size"])]
+        full = unshard_tensor(shards, old_layout, full_shape)
     layout = getattr(target, "autotp_layout", None)
     return shard_tensor(full, layout, tp_rank) if layout is not None else full
 
@@ -413,13 +429,20 @@ def _load_optimizer(engine, reader: _Reader, meta: dict) -> None:
     def fetch(name: str, numel: int) -> dict:
         if name not in cache:
             cache.clear()  # one parameter at a time: slices of a parameter are consecutive
-            if old_tp == engine.groups.tp_size or name not in meta["layouts"]:
-                cache[name] = old_flat(tp_rank if old_tp == engine.groups.tp_size else 0, name, numel)
+            target = param_of[name]
+            if _stored_as_here(name, meta, target, engine.groups.tp_size):
+                cache[name] = old_flat(tp_rank, name, numel)
+            elif name not in meta["layouts"] and getattr(target, "autotp_layout", None) is None:
+                cache[name] = old_flat(0, name, numel)  # replicated then and now: any old TP rank's copy
             else:
-                info = meta["layouts"][name]
-                old_layout, full_shape = _layout_from_data(info["layout"]), info["full_shape"]
-                per_rank = [old_flat(r, name, int(torch.Size(local_shape(old_layout, full_shape, r)).numel()))
-                            for r in range(old_tp)]
+                info = meta["layouts"].get(name)
+                if info is None:  # saved replicated, sharded here
+                    full_numel = int(torch.Size(target.autotp_full_shape).numel())
+                    per_rank = [old_flat(0, name, full_numel)]
+                else:
+                    old_layout, full_shape = _layout_from_data(info["layout"]), info["full_shape"]
+                    per_rank = [old_flat(r, name, int(torch.Size(local_shape(old_layout, full_shape, r)).numel()))
+                                for r in range(old_tp)]
                 cache[name] = {key: _reshard(name, meta, param_of[name], tp_rank,
                                              lambda r, k=key: per_rank[r][k]).reshape(-1) for key in per_rank[0]}
         values = cache[name]

@@ -9,13 +9,16 @@ the 2.1 GB of full fp32 logits on every rank).
 
 `enable_vocab_parallel_loss(model)` switches the model over: its own `forward(input_ids, labels=...)` keeps
 returning the same `loss` (HF's label shift, ignore_index, mean over tokens or sum / num_items_in_batch), while
-`outputs.logits` becomes the rank's vocabulary slice. `with full_logits(model):` gathers them for evaluation or
-generation.
+`outputs.logits` of that call is the rank's vocabulary slice. A forward without labels (the caller computes its
+own loss, or generates) gathers full logits, so it means what it means on the dense model; `with
+full_logits(model):` gathers them always.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 
 import torch
 import torch.distributed as dist
@@ -105,10 +108,47 @@ def _head(model: nn.Module) -> ColumnParallelLinear:
     return head
 
 
+def supports_vocab_parallel_loss(model: nn.Module) -> bool:
+    """Whether `vocab_parallel_loss: auto` turns the feature on: only where it is exact by construction, an LM
+    head that is a linear layer and a forward that computes its loss through `self.loss_function` (the hook this
+    module replaces; a model with its own cross-entropy would compute it on a vocabulary slice)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, (nn.Linear, ColumnParallelLinear)) or not hasattr(model, "loss_function"):
+        return False
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):  # no source (compiled or dynamic class): not provably exact
+        return False
+    return "self.loss_function(" in source
+
+
+def _labels_position(model: nn.Module) -> int | None:
+    """Index of `labels` among forward's positional arguments (after self), or None."""
+    try:
+        names = list(inspect.signature(type(model).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return None
+    return names.index("labels") if "labels" in names else None
+
+
+def _gather_unless_labels(head: ColumnParallelLinear, position, model, args, kwargs):
+    """Forward pre-hook: logits stay sliced for a call that computes its loss here (labels given), and are
+    gathered otherwise, or always inside `full_logits`."""
+    labels = kwargs.get("labels")
+    if labels is None and position is not None and len(args) > position:
+        labels = args[position]
+    head.gather_output = head.autotp_full_logits > 0 or labels is None
+
+
 def enable_vocab_parallel_loss(model: nn.Module) -> None:
     """LM head output stays sharded over the vocabulary and the model's loss becomes vocab-parallel."""
     head = _head(model)
     head.gather_output = False
+    if not getattr(model, "autotp_vocab_hook", False):
+        head.autotp_full_logits = 0
+        model.register_forward_pre_hook(functools.partial(_gather_unless_labels, head, _labels_position(model)),
+                                        with_kwargs=True)
+        model.autotp_vocab_hook = True
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else \
         model.config.vocab_size
     loss = VocabParallelCausalLMLoss(head, vocab)
@@ -120,11 +160,13 @@ def enable_vocab_parallel_loss(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def full_logits(model: nn.Module):
-    """Within the block the LM head gathers full logits (evaluation, generation); the loss still works."""
+    """Within the block the LM head gathers full logits, labels or not (evaluation); the loss still works."""
     head = _head(model)
     before = head.gather_output
+    head.autotp_full_logits = getattr(head, "autotp_full_logits", 0) + 1
     head.gather_output = True
     try:
         yield model
     finally:
+        head.autotp_full_logits -= 1
         head.gather_output = before

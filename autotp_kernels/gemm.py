@@ -23,6 +23,10 @@ _GPU_CONFIGS = [
     (64, 256, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4),
 ]
 _INTERPRET_CONFIGS = [(16, 32, 32, 1, 1)]
+# Below 1 GFLOP (under 2 us at H200's bf16 peak) the tile barely matters, while autotuning compiles all 8
+# configs per specialization: a tiny model's training on a cold Triton cache spent over 150 s doing that on H200.
+SMALL_FLOPS = 1 << 30
+_SMALL_CONFIG = (64, 64, 32, 4, 3)
 
 
 def _configs():
@@ -98,6 +102,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None,
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _matmul_kernel[grid](a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
-                         out.stride(1), ACCUMULATE=accumulate, PRECISION=_precision(a.dtype))
+    args = (a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
+    if INTERPRET or 2 * M * N * K >= SMALL_FLOPS:
+        _matmul_kernel[grid](*args, ACCUMULATE=accumulate, PRECISION=_precision(a.dtype))
+    else:
+        m, n, k, warps, stages = _SMALL_CONFIG
+        _matmul_kernel.fn[grid](*args, ACCUMULATE=accumulate, PRECISION=_precision(a.dtype), BLOCK_M=m, BLOCK_N=n,
+                                BLOCK_K=k, GROUP_M=8, num_warps=warps, num_stages=stages)
     return out

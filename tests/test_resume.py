@@ -13,13 +13,14 @@ from families import batch, tiny_model
 SEQ, GLOBAL_BATCH = 10, 8
 
 
-def _engine(tp: int, stage: int, gas: int = 1, dtype_key=None, dropout: float = 0.0, world: int = 4):
+def _engine(tp: int, stage: int, gas: int = 1, dtype_key=None, dropout: float = 0.0, world: int = 4,
+            vocab="auto"):
     import autotp
 
     dp = world // tp
     model = tiny_model("llama", attention_dropout=dropout)
     config = {"train_batch_size": GLOBAL_BATCH, "gradient_accumulation_steps": gas, "gradient_clipping": 0.5,
-              "tensor_parallel": {"autotp_size": tp},
+              "tensor_parallel": {"autotp_size": tp, "vocab_parallel_loss": vocab},
               "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "eps": 1e-3, "weight_decay": 0.01}},
               "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2,
@@ -95,8 +96,8 @@ def test_resume_is_bit_exact(tmp_path):
 
 # ---- resharded load ------------------------------------------------------------------------------------------
 
-def _save_reference(rank, world, ckpt_dir):
-    engine = _engine(tp=2, stage=2)
+def _save_reference(rank, world, ckpt_dir, vocab="auto"):
+    engine = _engine(tp=2, stage=2, vocab=vocab)
     _train(engine, 2)
     engine.save_checkpoint(ckpt_dir)
     saved = engine.consolidated_state_dict()
@@ -104,8 +105,8 @@ def _save_reference(rank, world, ckpt_dir):
     return saved, engine.consolidated_state_dict()
 
 
-def _load_elsewhere(rank, world, ckpt_dir, tp, stage):
-    engine = _engine(tp=tp, stage=stage, world=world)
+def _load_elsewhere(rank, world, ckpt_dir, tp, stage, vocab="auto"):
+    engine = _engine(tp=tp, stage=stage, world=world, vocab=vocab)
     engine.load_checkpoint(ckpt_dir)
     loaded = engine.consolidated_state_dict()
     _train(engine, 2)
@@ -120,6 +121,19 @@ def test_load_at_another_layout_and_stage(tmp_path, world, tp, stage):
         assert torch.equal(loaded[name], value), name  # resharding copies values, it computes nothing
     # Optimizer state came along: two more steps agree with the run that never stopped (fp32 sums in
     # another TP/DP order differ by ~1e-7 relative; AdamW eps=1e-3 keeps that from growing).
+    for name, value in continued.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("saved_vocab, loaded_vocab", [(False, True), (True, False)])
+def test_checkpoint_does_not_depend_on_vocab_parallel(tmp_path, saved_vocab, loaded_vocab):
+    """The embedding is vocab-split with the vocab-parallel loss and replicated without it: a checkpoint saved
+    one way loads the other way at the same TP x DP (model and ZeRO-2 optimizer state resharded)."""
+    saved, continued = run_distributed(4, _save_reference, str(tmp_path), saved_vocab)[0]
+    loaded, trained, _ = run_distributed(4, _load_elsewhere, str(tmp_path), 2, 2, loaded_vocab)[0]
+    for name, value in saved.items():
+        assert torch.equal(loaded[name], value), name
+    # The two losses sum exp() over the vocabulary in different orders (~1e-7 relative), as above.
     for name, value in continued.items():
         torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -115,3 +115,53 @@ def test_engine_config_key():
     results = run_distributed(2, _engine_config)
     assert [r[0] for r in results] == [52, 51]  # 103 split unevenly
     assert results[0][1] == results[1][1]
+
+
+def _auto_default(rank, world_size):
+    """The engine's default (`vocab_parallel_loss: auto`) on a causal LM, and on a model whose forward has its
+    own cross-entropy."""
+    import autotp
+    from transformers import AutoModelForSequenceClassification
+
+    from families import tiny_config
+
+    config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+              "tensor_parallel": {"autotp_size": 2}}
+    dense = tiny_model("llama").eval()
+    engine, _, _, _ = autotp.initialize(model=copy.deepcopy(dense), config=config)
+    ids = batch(seed=3, batch_size=2)
+    with torch.no_grad():
+        with_labels = engine(input_ids=ids, labels=ids)
+        without = engine(input_ids=ids)  # the caller's own loss or generation: full logits, as on the dense model
+        positional = engine.module(ids, None, None, None, None, ids)  # labels passed by position
+        ref = dense(input_ids=ids, labels=ids)
+    classifier = AutoModelForSequenceClassification.from_config(tiny_config("llama", num_labels=3))
+    decided = autotp.parallelize(classifier, tp_size=2, verbose=False, vocab_parallel="auto")
+    return dict(sliced=with_labels.logits.shape[-1], loss=with_labels.loss, ref_loss=ref.loss,
+                full=without.logits, ref_logits=ref.logits, positional=positional.logits.shape[-1],
+                embedding_split=engine.module.get_input_embeddings().weight.shape[0],
+                classifier_has_head=decided.get_output_embeddings() is not None)
+
+
+def test_auto_default_turns_it_on_for_causal_lms_only():
+    result = run_distributed(2, _auto_default)[0]
+    assert result["sliced"] == 52 and result["positional"] == 52 and result["embedding_split"] == 52
+    torch.testing.assert_close(result["loss"], result["ref_loss"], rtol=1e-5, atol=0)
+    assert result["full"].shape[-1] == VOCAB
+    torch.testing.assert_close(result["full"], result["ref_logits"], rtol=1e-5, atol=1e-5)
+    assert not result["classifier_has_head"]  # no LM head: auto leaves the model's plan alone, no error
+
+
+def test_supports_vocab_parallel_loss_needs_the_hf_loss_hook():
+    from autotp.vocab_parallel import supports_vocab_parallel_loss
+
+    model = tiny_model("llama")
+    assert supports_vocab_parallel_loss(model)
+
+    class OwnLoss(type(model)):
+        def forward(self, input_ids=None, labels=None, **kwargs):  # a model with its own cross-entropy
+            logits = self.lm_head(self.model(input_ids).last_hidden_state)
+            return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+    model.__class__ = OwnLoss
+    assert not supports_vocab_parallel_loss(model)
