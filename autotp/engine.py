@@ -14,7 +14,6 @@ gradient-accumulation boundary:
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import warnings
 from typing import Optional
@@ -89,7 +88,7 @@ class Engine:
         self.global_steps = 0
         self.micro_steps = 0
         self.skipped_steps = 0
-        self._global_grad_norm: Optional[float] = None
+        self._global_grad_norm: Optional[torch.Tensor] = None
         self._batch_checked = False
         self.store = store
         self.params = store.params
@@ -147,7 +146,9 @@ class Engine:
         return (self.micro_steps + 1) % self.config.gradient_accumulation_steps == 0
 
     def get_global_grad_norm(self) -> Optional[float]:
-        return self._global_grad_norm
+        """The last step's global gradient norm (before clipping); None after a skipped step."""
+        norm = self._global_grad_norm
+        return float(norm) if torch.is_tensor(norm) else norm
 
     def get_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
@@ -182,11 +183,11 @@ class Engine:
         self.store.end_backward()
         return loss
 
-    def _global_norm(self) -> float:
+    def _global_norm(self) -> torch.Tensor:
         total = self.store.sumsq()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)  # every rank's share, DP x TP: each distinct value counted once
-        return float(total.sqrt().item())
+        return total.sqrt()
 
     def step(self) -> None:
         boundary = self.is_gradient_accumulation_boundary()
@@ -212,13 +213,15 @@ class Engine:
                            self.loss_scaler.scale)
         else:
             norm = self._global_norm()
-            self._global_grad_norm = norm
+            self._global_grad_norm = norm  # a device tensor: `get_global_grad_norm` reads it when asked
             clip = self.config.gradient_clipping
-            if clip > 0 and math.isfinite(norm):
-                coef = clip / (norm + 1e-6)
-                if coef < 1.0:
-                    for g in grads:
-                        g.mul_(coef)
+            if clip > 0:
+                # On the device, as torch's clip_grad_norm_: reading the norm on the host would stall the launch
+                # queue once per step while the GPU drains. A non-finite norm leaves the gradients as they are.
+                coef = (clip / (norm + 1e-6)).clamp(max=1.0)
+                coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+                if grads:
+                    torch._foreach_mul_(list(grads), coef)  # one launch for all gradients
             self.optimizer.step()
             self.store.after_step()
             if self.lr_scheduler is not None:
@@ -228,7 +231,7 @@ class Engine:
         if self.config.steps_per_print and self.global_steps % self.config.steps_per_print == 0 and (
                 not dist.is_initialized() or dist.get_rank() == 0):
             logger.info("autotp step %d: lr=%s grad_norm=%s", self.global_steps, self.get_lr(),
-                        self._global_grad_norm)
+                        self.get_global_grad_norm())
 
     def zero_grad(self) -> None:
         self.store.zero_grad()

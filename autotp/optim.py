@@ -14,9 +14,20 @@ import torch
 from .config import ConfigError, OptimizerConfig, SchedulerConfig
 
 
+def fused_by_default(tensors) -> bool:
+    """torch's fused Adam/AdamW (one kernel per batch of tensors) where every tensor it updates is an fp32 CUDA
+    tensor (the masters); foreach, torch's CUDA default, makes several passes over the same memory."""
+    return bool(tensors) and all(t.device.type == "cuda" and t.dtype == torch.float32 for t in tensors)
+
+
 def build_optimizer(spec: OptimizerConfig, params) -> torch.optim.Optimizer:
     params_cfg = dict(spec.params)
     kind = spec.type.lower()
+    params = list(params)
+    tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+    if kind in ("adam", "adamw") and "fused" not in params_cfg and "foreach" not in params_cfg \
+            and fused_by_default(tensors):
+        params_cfg["fused"] = True
     try:
         if kind == "adam":
             # DeepSpeed's "Adam" applies decoupled weight decay (AdamW) unless adam_w_mode is false.

@@ -475,5 +475,10 @@ def _load_optimizer(engine, reader: _Reader, meta: dict) -> None:
                     if key not in optimizer.state[tensor]:
                         optimizer.state[tensor][key] = torch.zeros_like(tensor)
                 for key, value in scalars.items():
-                    optimizer.state[tensor][key] = value.clone() if torch.is_tensor(value) else value
+                    if torch.is_tensor(value):
+                        value = value.clone()
+                        if key == "step" and (group.get("fused") or group.get("capturable")):
+                            # torch's fused and capturable Adam keep the step count on the parameter's device.
+                            value = value.to(device=tensor.device, dtype=torch.float32)
+                    optimizer.state[tensor][key] = value
     store.after_load()

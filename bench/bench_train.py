@@ -128,7 +128,7 @@ def main():
     torch.cuda.synchronize()
     static_gb = torch.cuda.memory_allocated() / 2 ** 30  # weights (+ masters, optimizer buffers made so far)
     gen = torch.Generator().manual_seed(1234)  # same batch on every rank of a TP group
-    times, losses = [], []
+    times, host_times, losses = [], [], []
     profiler = None
     for index in range(args.steps):
         if args.profile and index == args.warmup:
@@ -144,6 +144,7 @@ def main():
         forward_gb = torch.cuda.memory_allocated() / 2 ** 30  # static + saved activations (+ logits)
         backward(loss)
         step()
+        host_times.append(time.perf_counter() - start)  # launches issued; the GPU may still be busy
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(float(loss.detach().float()))
@@ -161,7 +162,11 @@ def main():
                kernels=args.kernels if args.provider == "autotp" else "",
                vocab_parallel=int(args.vocab_parallel and args.provider == "autotp"),
                sequence_parallel=int(args.sequence_parallel and args.provider == "autotp"),
-               step_s=round(median, 4), tokens_per_s_per_gpu=round(tokens_per_gpu),
+               step_s=round(median, 4),
+               # Host time to issue a step (median, same steps): near step_s, the step is bound by Python and
+               # kernel launches rather than by the GPU (the loss's .item() in some providers syncs early).
+               host_s=round(sorted(host_times[args.warmup:])[len(steady) // 2], 4),
+               tokens_per_s_per_gpu=round(tokens_per_gpu),
                mfu=round(tokens_per_gpu * flops_per_token / H200_BF16_TFLOPS, 4),
                peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
                static_mem_gb=round(static_gb, 2), after_forward_gb=round(forward_gb, 2), after_mem_gb=round(torch.cuda.memory_allocated() / 2 ** 30, 2),
