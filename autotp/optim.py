@@ -15,9 +15,13 @@ from .config import ConfigError, OptimizerConfig, SchedulerConfig
 
 
 def fused_by_default(tensors) -> bool:
-    """torch's fused Adam/AdamW (one kernel per batch of tensors) where every tensor it updates is an fp32 CUDA
-    tensor (the masters); foreach, torch's CUDA default, makes several passes over the same memory."""
-    return bool(tensors) and all(t.device.type == "cuda" and t.dtype == torch.float32 for t in tensors)
+    """torch's fused Adam/AdamW (one kernel per batch of tensors) where every tensor is a floating-point CUDA
+    tensor; foreach, torch's CUDA default, makes several passes over the same memory. (The engine builds the
+    optimizer on the bf16 model parameters and the ZeRO store then swaps in fp32 masters, which fused takes too.)"""
+    return bool(tensors) and all(t.device.type == "cuda" and t.dtype in _FUSED_DTYPES for t in tensors)
+
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def build_optimizer(spec: OptimizerConfig, params) -> torch.optim.Optimizer:

@@ -343,7 +343,7 @@ def test_adam_defaults_to_adamw_without_weight_decay():
     assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (1e-3, (0.9, 0.95), 0.0)
 
 
-def test_adam_is_fused_for_fp32_cuda_tensors_only():
+def test_adam_is_fused_for_floating_cuda_tensors_only():
     from types import SimpleNamespace
 
     from autotp.optim import fused_by_default
@@ -351,8 +351,8 @@ def test_adam_is_fused_for_fp32_cuda_tensors_only():
     def tensor(device, dtype=torch.float32):  # only .device and .dtype are read: no GPU needed
         return SimpleNamespace(device=torch.device(device), dtype=dtype)
 
-    assert fused_by_default([tensor("cuda:0"), tensor("cuda:0")])
-    assert not fused_by_default([tensor("cuda:0"), tensor("cuda:0", torch.bfloat16)])
+    assert fused_by_default([tensor("cuda:0"), tensor("cuda:0", torch.bfloat16)])
+    assert not fused_by_default([tensor("cuda:0"), tensor("cuda:0", torch.int64)])
     assert not fused_by_default([tensor("cpu")]) and not fused_by_default([])
     assert _build("AdamW", {"lr": 1e-3}).param_groups[0]["fused"] in (None, False)  # CPU: torch's default
 
