@@ -116,6 +116,8 @@ def main():
     parser.add_argument("--sequence-parallel", action="store_true", help="autotp: tensor_parallel.sequence_parallel")
     parser.add_argument("--profile", default=None, help="profile one step after warm-up; write the table here (.md)")
     parser.add_argument("--gpus", type=int, default=None, help="--provider all: GPUs for the TP providers")
+    parser.add_argument("--providers", default="single,deepspeed,dtensor,autotp",
+                        help="--provider all: which ones (the single-GPU row needs measuring once per machine)")
     parser.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.csv"))
     args = parser.parse_args()
     if args.provider == "all":
@@ -228,8 +230,9 @@ def run_all(args) -> None:
     if args.losses_csv:
         common += ["--losses-csv", args.losses_csv]
     script = os.path.abspath(__file__)
-    runs = [[sys.executable, script, "--provider", "single"] + common]
-    for provider in ("deepspeed", "dtensor", "autotp"):
+    wanted = args.providers.split(",")
+    runs = [[sys.executable, script, "--provider", "single"] + common] if "single" in wanted else []
+    for provider in [p for p in ("deepspeed", "dtensor", "autotp") if p in wanted]:
         extra = []
         if provider == "autotp":
             extra = ["--kernels", args.kernels] + (["--vocab-parallel"] if args.vocab_parallel else []) + \
