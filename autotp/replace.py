@@ -372,7 +372,6 @@ def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, 
     model.autotp_state = state
     if groups.tp_size > 1:
         _share_input_copies(model, state.hooks)
-    if groups.tp_size > 1:
         from .rng import enable_tp_dropout_streams
 
         enable_tp_dropout_streams(model, groups.tp_rank, state.hooks)

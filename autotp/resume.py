@@ -432,18 +432,16 @@ def _load_optimizer(engine, reader: _Reader, meta: dict) -> None:
             target = param_of[name]
             if _stored_as_here(name, meta, target, engine.groups.tp_size):
                 cache[name] = old_flat(tp_rank, name, numel)
-            elif name not in meta["layouts"] and getattr(target, "autotp_layout", None) is None:
-                cache[name] = old_flat(0, name, numel)  # replicated then and now: any old TP rank's copy
             else:
                 info = meta["layouts"].get(name)
-                if info is None:  # saved replicated, sharded here
-                    full_numel = int(torch.Size(target.autotp_full_shape).numel())
-                    per_rank = [old_flat(0, name, full_numel)]
+                if info is None:  # saved replicated: old TP rank 0 holds it whole (`_reshard` reads only that)
+                    full_shape = getattr(target, "autotp_full_shape", target.shape)
+                    per_rank = [old_flat(0, name, int(torch.Size(full_shape).numel()))]
                 else:
                     old_layout, full_shape = _layout_from_data(info["layout"]), info["full_shape"]
                     per_rank = [old_flat(r, name, int(torch.Size(local_shape(old_layout, full_shape, r)).numel()))
                                 for r in range(old_tp)]
-                cache[name] = {key: _reshard(name, meta, param_of[name], tp_rank,
+                cache[name] = {key: _reshard(name, meta, target, tp_rank,
                                              lambda r, k=key: per_rank[r][k]).reshape(-1) for key in per_rank[0]}
         values = cache[name]
         if values["master"].numel() != numel:

@@ -154,8 +154,7 @@ def main():
             profiler.__exit__(None, None, None)
             _write_profile(args, profiler, times[-1], rank)
             profiler = None
-    steady = sorted(times[args.warmup:])
-    median = steady[len(steady) // 2]
+    median = _median(times[args.warmup:])
     tokens_per_gpu = args.micro_batch * args.seq * dp / median / world
     flops_per_token = 6 * n_params + 12 * args.layers * config.hidden_size * args.seq
     row = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), world=world,
@@ -167,7 +166,7 @@ def main():
                step_s=round(median, 4),
                # Host time to issue a step (median, same steps): near step_s, the step is bound by Python and
                # kernel launches rather than by the GPU (the loss's .item() in some providers syncs early).
-               host_s=round(sorted(host_times[args.warmup:])[len(steady) // 2], 4),
+               host_s=round(_median(host_times[args.warmup:]), 4),
                tokens_per_s_per_gpu=round(tokens_per_gpu),
                mfu=round(tokens_per_gpu * flops_per_token / H200_BF16_TFLOPS, 4),
                peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
@@ -185,13 +184,7 @@ def main():
                 writer.writerow([row["date"], args.provider, row["tp"], dp, args.zero, index, f"{loss:.5f}"])
     if rank == 0:
         print("RESULT " + json.dumps(row), flush=True)
-        os.makedirs(os.path.dirname(args.csv), exist_ok=True)
-        new = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        _append_row(args.csv, row)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -245,6 +238,28 @@ def run_all(args) -> None:
     for command in runs:
         print("RUN " + " ".join(command[-20:]), flush=True)
         subprocess.run(command, check=False)
+
+
+def _median(values: list) -> float:
+    """The upper median (the middle of an odd count, the larger middle of an even one)."""
+    return sorted(values)[len(values) // 2]
+
+
+def _append_row(path: str, row: dict) -> None:
+    """Append `row` to the CSV at `path`; a file written before a column was added is rewritten with the union
+    of the columns (appending under the old header would shift every later value into the wrong column)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    rows, fields = [], list(row)
+    if os.path.exists(path):
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            fields = list(reader.fieldnames or []) + [k for k in row if k not in (reader.fieldnames or [])]
+    with open(path + ".tmp", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows + [row])
+    os.replace(path + ".tmp", path)
 
 
 def _version(name: str) -> str:

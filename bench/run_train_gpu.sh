@@ -43,11 +43,5 @@ else
   CSV="$RES/train_peers.csv"
   cat "$RES/profile_tp4.md" 2>/dev/null
 fi
-python3 - "$CSV" <<'PY'
-import csv, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-print(f"{'provider':<10} {'tp':>2} {'dp':>2} {'z':>1} {'kern':<6} {'vp':>2} {'sp':>2} {'s/step':>7} {'tok/s/GPU':>9} {'peak GB':>7}  first losses")
-for r in rows:
-    print(f"{r['provider']:<10} {r['tp']:>2} {r['dp']:>2} {r['zero']:>1} {r.get('kernels', ''):<6} {r.get('vocab_parallel', ''):>2} "
-          f"{r.get('sequence_parallel', ''):>2} {r['step_s']:>7} {r['tokens_per_s_per_gpu']:>9} {r['peak_mem_gb']:>7}  {r['first_losses']}")
-PY
+python3 bench/print_csv.py "$CSV" provider tp dp zero kernels vocab_parallel sequence_parallel step_s host_s \
+  tokens_per_s_per_gpu peak_mem_gb first_losses

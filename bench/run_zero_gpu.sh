@@ -23,11 +23,4 @@ if ls .whl/deepspeed-*.whl > /dev/null 2>&1; then
   export PYTHONPATH=$PWD:/tmp/site
   for zero in 1 2; do run deepspeed "$zero"; done
 fi
-python3 - "$RES/train.csv" <<'PY'
-import csv, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-print(f"{'provider':<10} {'zero':>4} {'s/step':>7} {'tok/s/GPU':>10} {'peak GB':>8} {'after GB':>8}  first losses")
-for r in rows:
-    print(f"{r['provider']:<10} {r['zero']:>4} {r['step_s']:>7} {r['tokens_per_s_per_gpu']:>10} {r['peak_mem_gb']:>8} "
-          f"{r['after_mem_gb']:>8}  {r['first_losses']}")
-PY
+python3 bench/print_csv.py "$RES/train.csv" provider zero step_s tokens_per_s_per_gpu peak_mem_gb after_mem_gb first_losses

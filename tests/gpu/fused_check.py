@@ -20,6 +20,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from autotp import comm  # noqa: E402
+from autotp.sequence_parallel import SEQ_DIM, _GatherSequence, _ReduceScatterSequence  # noqa: E402
 from autotp_kernels import fused, symm  # noqa: E402
 from autotp_kernels.tp_linear import (ColumnLinearAllGather, ColumnLinearGradAllReduce,  # noqa: E402
                                       RowLinearAllReduce, RowLinearReduceScatter)
@@ -95,7 +97,8 @@ def check_all_gather(group, dtype, seg, s_own, K, N, gemm):
 
 
 def check_autograd(group, dtype):
-    """Each fused Function's output and gradients against the same math through cuBLAS + NCCL."""
+    """Each fused Function's output and gradients against the same math through cuBLAS + NCCL (autotp's own
+    unfused collectives)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     B, S, K, N = 2, 256 * world, 512, 384
     cases = {
@@ -129,82 +132,20 @@ def check_autograd(group, dtype):
         report(f"autograd {name} {str(dtype)[6:]}", ok, " ".join(f"{e:.1e}/{s:.1e}" for e, s in errs))
 
 
-class _AR(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
 def _ar(x, group):
-    return _AR.apply(x, group)
-
-
-class _CopyIn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+    return comm.reduce_from_tp(x, group)
 
 
 def _copy_in(x, group):
-    return _CopyIn.apply(x, group)
-
-
-class _RS(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        s = x.shape[1] // world
-        return x[:, rank * s:(rank + 1) * s].contiguous()
-
-    @staticmethod
-    def backward(ctx, g):
-        return _ag_raw(g, ctx.group), None
-
-
-def _ag_raw(x, group):
-    pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(pieces, x.contiguous(), group=group)
-    return torch.cat(pieces, dim=1)
-
-
-class _AG(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _ag_raw(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        g = g.clone()
-        dist.all_reduce(g, group=ctx.group)
-        s = g.shape[1] // world
-        return g[:, rank * s:(rank + 1) * s].contiguous(), None
+    return comm.copy_to_tp(x, group)
 
 
 def _rs(x, group):
-    return _RS.apply(x, group)
+    return _ReduceScatterSequence.apply(x, group)
 
 
 def _ag(x, group):
-    return _AG.apply(x, group)
+    return _GatherSequence.apply(x, group, x.shape[SEQ_DIM] * dist.get_world_size(group), True)
 
 
 def check_training(world):
