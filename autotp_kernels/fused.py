@@ -7,12 +7,22 @@
   all_gather_matmul(x_shard, weights, group)  all-gather the sequence shards, multiply by each weight
                                               (sequence-parallel column layer forward, row layer backward)
 
-How the overlap works: the GEMM runs on the compute stream in chunks of rows (cuBLAS or the Triton GEMM). After
-each chunk, a reduction launch on a high-priority stream, `TUNING.ctas` programs wide (the rest of the SMs keep
-the GEMM going), raises that chunk's flag on every peer, waits for the chunk on all ranks, sums its owner's rows
-in fixed rank order in fp32 and, for the all-reduce, hands the result to the others. For the all-gather the copy
-engine pulls peer shards in rank-shifted order while the GEMM multiplies the shards already here. Activations
-are [SEG, S, K] (batch, sequence, features); 2-D inputs are one segment.
+How the overlap works (nothing spins; ranks synchronise with stream waits, `cuda_driver`):
+  all-reduce       The GEMM runs on the compute stream in J chunks of rows; chunk j's rows are split among the
+                   W ranks. After chunk j, a stream write raises READY(me, j) on every peer. Rank o, for each peer
+                   q on its own stream, waits for READY(q, j) and pulls q's partial of o's rows with the copy
+                   engine into a local stage slot; a reduction kernel (local memory only) sums the W partials in
+                   rank order in fp32 and writes the result in place; RDONE(o, j) tells the peers, which pull the
+                   reduced rows into their output, again one copy-engine stream per peer.
+  reduce-scatter   The same without the last phase; rank o's rows are its sequence shard, chunk j being piece j
+                   of every shard.
+  all-gather+GEMM  Every rank puts its shard in its buffer and raises XREADY; the copy engine pulls peer shards in
+                   rank-shifted order while the GEMM multiplies the shards already here.
+Concurrency contract: an op's side streams (pull, reduce, gather, copy) start after everything the compute
+stream had queued when the op was called, and the compute stream waits for them at `join` (the end of the op,
+or with `defer_join` the next fused op or `join(group)`). Every op is watched: one that outlives
+`TUNING.timeout_s` releases its waits and turns into FusedCommError (`watchdog`). Activations are [SEG, S, K]
+(batch, sequence, features); 2-D inputs are one segment.
 
 `sequential_*` are the cuBLAS-then-NCCL paths: the fallback below `TUNING.min_bytes` and the reference in tests
 and benchmarks.
@@ -26,34 +36,29 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import symm
-from .comm_kernels import reduce_chunks_kernel, shard_index, signal_kernel, wait_kernel
+from . import cuda_driver, symm
+from .comm_kernels import reduce_slots
 from .gemm import matmul
-from .symm import MAX_CHUNKS, MAX_CTAS
+from .symm import MAX_CHUNKS, rdone_index, ready_index, shard_index
+from .watchdog import WATCHDOG
 
 
 @dataclass
 class FusedTuning:
-    ctas: int = int(os.environ.get("AUTOTP_FUSED_CTAS", "16"))
-    """Programs of the reduction kernel; each holds one SM while the GEMM runs."""
-    block: int = 4096
-    """Elements per program per step: with W peers in flight, 16 KB x W bytes per SM hide NVLink latency."""
-    warps: int = 8
-    chunk_rows: int = int(os.environ.get("AUTOTP_FUSED_CHUNK_ROWS", "1024"))
-    """Target rows per GEMM chunk: smaller chunks shorten the exposed tail, larger ones keep the GEMM efficient."""
+    chunk_rows: int = int(os.environ.get("AUTOTP_FUSED_CHUNK_ROWS", "2048"))
+    """Target rows per GEMM chunk (all ranks' rows together): smaller chunks shorten the exposed tail, larger ones
+    keep the GEMM efficient and cost less host time (~30 launches and stream operations per chunk at W=4)."""
+    block: int = 2048
+    """Elements per program of the reduction kernel."""
     min_bytes: int = int(os.environ.get("AUTOTP_FUSED_MIN_BYTES", str(1 << 62)))
     """`kernels: auto` fuses (with cuBLAS chunks) when the collective moves at least this many bytes; below,
-    cuBLAS then NCCL. No crossover has been measured yet (bench/bench_tp_overlap.py), so by default `auto` never
-    fuses; `kernels: triton` always does."""
+    cuBLAS then NCCL. Set from bench/bench_tp_overlap.py's measurements (bench/results/README.md); by default
+    `auto` never fuses; `kernels: triton` always does."""
     emulate: bool = os.environ.get("AUTOTP_FUSED_EMULATE") == "1"
     """Let the TP layers take their fused code paths without CUDA peer memory: the ops then run cuBLAS (or CPU
     BLAS) then NCCL (or gloo). For debugging and for CPU tests of the layers' wiring."""
     timeout_s: float = float(os.environ.get("AUTOTP_FUSED_TIMEOUT_S", "300"))
-    """An op whose peers have not all arrived after this long (GPU global timer) gives up with an error code."""
-
-    @property
-    def timeout_ns(self) -> int:
-        return max(1, int(self.timeout_s * 1e9))
+    """An op not complete this long after it was issued releases its waits and raises FusedCommError."""
 
 
 TUNING = FusedTuning()
@@ -76,25 +81,23 @@ def _gemm_rows(pairs, out, lo: int, hi: int, gemm: str):
     return out
 
 
-def _pieces(S: int, world: int) -> int:
-    """Chunks per owner slice: about TUNING.chunk_rows rows each, at most MAX_CHUNKS chunks in all."""
-    return max(1, min(MAX_CHUNKS // world, round((S // world) / TUNING.chunk_rows)))
+def chunks(S: int) -> int:
+    """Chunks of an op over S rows: about TUNING.chunk_rows rows each, at most MAX_CHUNKS."""
+    return max(1, min(MAX_CHUNKS, round(S / TUNING.chunk_rows)))
 
 
-def _chunk_rows(c: int, S: int, world: int, pieces: int):
-    """Host twin of comm_kernels._chunk_rows: [lo, hi) rows of chunk c."""
-    j, o = divmod(c, world)
-    base = (o * S) // world
-    size = ((o + 1) * S) // world - base
-    return base + (j * size) // pieces, base + ((j + 1) * size) // pieces
-
-
-def alignment(n: int, element_size: int) -> int:
-    """Largest power of two up to 16 bytes' worth of elements that divides the row length `n`."""
-    align = 16 // element_size
-    while n % align:
-        align //= 2
-    return align
+def owner_rows(j: int, S: int, world: int, pieces: int, scatter: bool) -> list:
+    """[(lo, hi)] per owner rank of chunk j of `pieces`. All-reduce: chunk j is rows [j*S/J, (j+1)*S/J), split
+    evenly among the ranks. Reduce-scatter: a rank owns its sequence shard [o*S/W, (o+1)*S/W), and chunk j is
+    piece j of every shard."""
+    if scatter:
+        rows = []
+        for o in range(world):
+            base, size = (o * S) // world, ((o + 1) * S) // world - (o * S) // world
+            rows.append((base + (j * size) // pieces, base + ((j + 1) * size) // pieces))
+        return rows
+    lo, hi = (j * S) // pieces, ((j + 1) * S) // pieces
+    return [(lo + (o * (hi - lo)) // world, lo + ((o + 1) * (hi - lo)) // world) for o in range(world)]
 
 
 def _check_pairs(pairs):
@@ -116,40 +119,87 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     if not a0.is_cuda:  # no peer memory: the same function, unfused
         return sequential_matmul_reduce(pairs, group, scatter=scatter, gemm=gemm)
     seg, S, N = a0.shape[0], a0.shape[1], b0.shape[1]
-    ws = symm.workspace(group, a0.device, seg * S * N * a0.element_size())
+    elem = a0.element_size()
+    ws = symm.workspace(group, a0.device, seg * S * N * elem)
     world, me = ws.world, ws.rank
     if scatter and S % world:
         raise ValueError(f"fused reduce-scatter: sequence {S} is not divisible by {world} ranks")
-    if TUNING.ctas > MAX_CTAS:
-        raise ValueError(f"fused kernels: TUNING.ctas={TUNING.ctas} exceeds {MAX_CTAS}")
     epoch = ws.next_epoch()
     partial = ws.data_view(me, epoch, (seg, S, N), a0.dtype)
     out = torch.empty((seg, S // world if scatter else S, N), dtype=a0.dtype, device=a0.device)
-    pieces = _pieces(S, world)
+    pieces = chunks(S)
+    plan = [owner_rows(j, S, world, pieces, scatter) for j in range(pieces)]
+    # Stage slots: for chunk j, W slots [SEG, rows of mine in j, N] (my own slot unused: simpler offsets).
+    slot_offsets, total = [], 0
+    for rows in plan:
+        slot_offsets.append(total)
+        total += world * seg * (rows[me][1] - rows[me][0]) * N
+    stage = ws.stage_view(total * elem)[:total * elem].view(a0.dtype)
     compute = torch.cuda.current_stream(a0.device)
-    align = alignment(N, a0.element_size())
-    for c in range(world * pieces):
-        _gemm_rows(pairs, partial, *_chunk_rows(c, S, world, pieces), gemm)
-        # One reduction launch per chunk, stream-ordered after this chunk's GEMM: a spinning kernel then only
-        # ever waits for GEMMs that are already running or done on every rank. A reduction that spanned the
-        # whole op would hold SMs that a later chunk's persistent cuBLAS GEMM (one CTA per SM) needs to finish,
-        # and wait for that very chunk: on H200 that stalled until the timeout at 2 GPUs (M=8192, 16 programs)
-        # and at 4 GPUs (32 programs, 2048-row chunks).
+    start = torch.cuda.Event()
+    start.record(compute)
+    side = [ws.reduce_stream] + list(ws.pull_streams.values()) + ([] if scatter else list(ws.gather_streams.values()))
+    for stream in side:
+        stream.wait_event(start)
+    seg_bytes, row_bytes = S * N * elem, N * elem
+    out_seg_rows = out.shape[1]
+    peers = [(me + i) % world for i in range(1, world)]  # rank-shifted: each rank reads a different peer first
+    for j, rows in enumerate(plan):
+        if scatter:
+            for lo, hi in rows:
+                _gemm_rows(pairs, partial, lo, hi, gemm)
+        else:
+            _gemm_rows(pairs, partial, rows[0][0], rows[-1][1], gemm)
+        for o in peers:
+            cuda_driver.write_value(compute.cuda_stream, ws.flag_addr(o, ready_index(me, j)), epoch)
         chunk_done = torch.cuda.Event()
         chunk_done.record(compute)
-        ws.comm_stream.wait_event(chunk_done)
-        with torch.cuda.stream(ws.comm_stream):
-            reduce_chunks_kernel[(TUNING.ctas,)](
-                ws.data_tables[epoch % 2], out, ws.flag_table, me, epoch, TUNING.timeout_ns, seg, S, N, pieces, c,
-                c + 1, W=world, SIGNAL_READY=True, ALL_GATHER=not scatter, DO_REDUCE=True, DO_GATHER=True,
-                BLOCK=TUNING.block, ALIGN=align, TIMER=True, num_warps=TUNING.warps)
-    out.record_stream(ws.comm_stream)
+        lo, hi = rows[me]
+        mine = hi - lo
+        slots = stage[slot_offsets[j]:slot_offsets[j] + world * seg * mine * N].view(world, seg, mine, N)
+        ws.reduce_stream.wait_event(chunk_done)
+        for q in peers:
+            pull = ws.pull_streams[q]
+            cuda_driver.wait_value(pull.cuda_stream, ws.flag_addr(me, ready_index(q, j)), epoch)
+            for s in range(seg):
+                cuda_driver.copy(pull.cuda_stream, slots[q, s].data_ptr(),
+                                 ws.data_ptr(q, epoch) + s * seg_bytes + lo * row_bytes, mine * row_bytes)
+            pulled = torch.cuda.Event()
+            pulled.record(pull)
+            ws.reduce_stream.wait_event(pulled)
+        if scatter:
+            target = out[:, lo - me * out_seg_rows:hi - me * out_seg_rows]
+        else:
+            target = out[:, lo:hi]
+        with torch.cuda.stream(ws.reduce_stream):
+            reduce_slots(partial[:, lo:hi], slots, target, me, write_back=not scatter, block=TUNING.block)
+        if scatter:
+            continue
+        for o in peers:
+            cuda_driver.write_value(ws.reduce_stream.cuda_stream, ws.flag_addr(o, rdone_index(me, j)), epoch)
+        for o in peers:
+            gather = ws.gather_streams[o]
+            o_lo, o_hi = rows[o]
+            cuda_driver.wait_value(gather.cuda_stream, ws.flag_addr(me, rdone_index(o, j)), epoch)
+            for s in range(seg):
+                cuda_driver.copy(gather.cuda_stream, out[s, o_lo].data_ptr() if o_hi > o_lo else 0,
+                                 ws.data_ptr(o, epoch) + s * seg_bytes + o_lo * row_bytes, (o_hi - o_lo) * row_bytes)
+    _finish(ws, side, keep=[out], defer_join=defer_join)
+    return out
+
+
+def _finish(ws, side, keep, defer_join: bool) -> None:
+    """One event after every side stream's work: the compute stream's join point and the watchdog's marker."""
+    for stream in side[1:]:
+        tail = torch.cuda.Event()
+        tail.record(stream)
+        side[0].wait_event(tail)
     done = torch.cuda.Event()
-    done.record(ws.comm_stream)
-    ws.defer_join(done)
+    done.record(side[0])
+    WATCHDOG.watch(done, TUNING.timeout_s, ws.fail)
+    ws.defer_join(done, keep)
     if not defer_join:
         ws.join()
-    return out
 
 
 def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas"):
@@ -161,16 +211,19 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
         if b.dim() != 2 or b.shape[0] != K or b.dtype != x_shard.dtype:
             raise ValueError(f"all_gather_matmul: weight {tuple(b.shape)} {b.dtype} does not fit [{K}, N] "
                              f"{x_shard.dtype}")
-    ws = symm.workspace(group, x_shard.device, x_shard.numel() * x_shard.element_size())
+    elem = x_shard.element_size()
+    ws = symm.workspace(group, x_shard.device, x_shard.numel() * elem)
     world, me = ws.world, ws.rank
     epoch = ws.next_epoch()
+    compute = torch.cuda.current_stream(x_shard.device)
     ws.data_view(me, epoch, (seg, s_own, K), x_shard.dtype).copy_(x_shard)
-    signal_kernel[(1,)](ws.flag_table, shard_index(me), epoch, W=world)
+    for q in range(world):
+        if q != me:
+            cuda_driver.write_value(compute.cuda_stream, ws.flag_addr(q, shard_index(me)), epoch)
     x_full = torch.empty((seg, world * s_own, K), dtype=x_shard.dtype, device=x_shard.device)
     x_full[:, me * s_own:(me + 1) * s_own].copy_(x_shard)
     ys = [torch.empty((seg, world * s_own, b.shape[1]), dtype=x_shard.dtype, device=x_shard.device)
           for b in weights]
-    compute = torch.cuda.current_stream(x_shard.device)
     ws.copy_stream.wait_stream(compute)
 
     def multiply(src):
@@ -179,23 +232,26 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
             for y, b in zip(ys, weights):
                 _mm(x_full[s, rows], b, y[s, rows], False, gemm)
 
-    # Enqueued before the spinning waits: with CUDA's lazy module loading, a kernel loaded for the first time
-    # while a spinning kernel runs waits for it to end (seen on H200: first calls stalled until the timeout).
     multiply(me)
     arrived = {}
-    with torch.cuda.stream(ws.copy_stream):
-        # Rank-shifted order: at step i every rank reads a different peer, spreading the links' load.
-        for i in range(1, world):
-            src = (me + i) % world
-            wait_kernel[(1,)](ws.flag_table, me, shard_index(src), epoch, TUNING.timeout_ns, 3, TIMER=True)
-            x_full[:, src * s_own:(src + 1) * s_own].copy_(ws.data_view(src, epoch, (seg, s_own, K), x_shard.dtype))
-            arrived[src] = torch.cuda.Event()
-            arrived[src].record(ws.copy_stream)
+    shard_bytes = s_own * K * elem
+    copy = ws.copy_stream.cuda_stream
+    # Rank-shifted order: at step i every rank reads a different peer, spreading the links' load; one stream,
+    # so the shard the GEMM needs next arrives first.
+    for i in range(1, world):
+        src = (me + i) % world
+        cuda_driver.wait_value(copy, ws.flag_addr(me, shard_index(src)), epoch)
+        for s in range(seg):
+            cuda_driver.copy(copy, x_full[s, src * s_own].data_ptr() if s_own else 0,
+                             ws.data_ptr(src, epoch) + s * shard_bytes, shard_bytes)
+        arrived[src] = torch.cuda.Event()
+        arrived[src].record(ws.copy_stream)
     x_full.record_stream(ws.copy_stream)
     for i in range(1, world):
         src = (me + i) % world
         compute.wait_event(arrived[src])
         multiply(src)
+    _finish(ws, [ws.copy_stream], keep=[], defer_join=False)
     return x_full, ys
 
 

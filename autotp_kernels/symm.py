@@ -1,21 +1,23 @@
-"""Peer-to-peer workspace for the fused GEMM + collective kernels: one per (TP group, device).
+"""Peer-to-peer workspace for the fused GEMM + collective ops: one per (TP group, device).
 
 One symmetric-memory allocation per rank (PyTorch `symm_mem`, peer-to-peer mappings only, no multicast) holds
   [ flags: FLAG_WORDS int32 | data, parity 0 | data, parity 1 ]
-and every rank maps every peer's allocation, so a kernel reads or signals a peer with plain loads and
-system-scope atomics.
+and every rank maps every peer's allocation: the copy engine reads a peer's data at its mapped address, and a
+stream writes a peer's flag word with `cuda_driver.write_value`. Nothing spins: ranks wait with stream waits.
 
 Synchronisation is by epochs, never by resets: each fused op takes the next epoch e, writes its flags with the
 value e and waits for `flag >= e`. Data buffers alternate by the parity of e. That is safe without an extra
-barrier because during op e+1 every rank observes, from every peer, a flag the peer raised after it finished all
-of op e (each op's side streams join the compute stream before the next op starts), so when op e+2 overwrites
-parity e % 2 nobody still reads it.
+barrier because during op e+1 every rank waits for a flag from every peer that the peer wrote after it finished
+all of op e (each op's side streams join the compute stream before the next op starts), so when op e+2
+overwrites parity e % 2 nobody still reads it.
 
 Flag words (int32, in each rank's own allocation; written by the rank named):
-  READY[q * MAX_CHUNKS + c]  rank q finished its partial GEMM of chunk c
-  RDONE[c * MAX_CTAS + k]    the owner of chunk c reduced block set k of it (all-reduce's gather phase)
-  XREADY[q]                  rank q's input shard is in its buffer (all-gather + GEMM)
-  ERROR                      a wait on this rank timed out (a peer never arrived); read by `check_errors`
+  READY[q * MAX_CHUNKS + j]  rank q's partial product of chunk j is in its data buffer
+  RDONE[o * MAX_CHUNKS + j]  rank o reduced its rows of chunk j (all-reduce: the others copy them)
+  XREADY[q]                  rank q's input shard is in its data buffer (all-gather + GEMM)
+
+A failure is recorded on the host (`fail`, called by the watchdog when an op outlives its timeout): the flags of
+this rank are set past every epoch so queued stream waits drain, and `check_errors` raises.
 """
 
 from __future__ import annotations
@@ -28,19 +30,33 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from . import cuda_driver
+
 MAX_RANKS = 8
 MAX_CHUNKS = 64
-MAX_CTAS = 64
 READY_OFF = 0
 RDONE_OFF = READY_OFF + MAX_RANKS * MAX_CHUNKS
-XREADY_OFF = RDONE_OFF + MAX_CHUNKS * MAX_CTAS
-ERROR_OFF = XREADY_OFF + MAX_RANKS
-FLAG_WORDS = ERROR_OFF + 64  # padded: data starts 256-byte aligned
+XREADY_OFF = RDONE_OFF + MAX_RANKS * MAX_CHUNKS
+PROBE_OFF = XREADY_OFF + MAX_RANKS
+FLAG_WORDS = -(-(PROBE_OFF + 1) // 64) * 64  # padded: data starts 256-byte aligned
 FLAG_BYTES = FLAG_WORDS * 4
+POISON_AHEAD = 1 << 30  # a failed rank's flags read as this many epochs ahead: every later wait passes
 
 _HAS_SYMM_MEM = importlib.util.find_spec("torch.distributed._symmetric_memory") is not None
 _workspaces: dict = {}
 _retired: list = []  # outgrown workspaces stay mapped: a slower peer may still read them
+
+
+def ready_index(rank: int, chunk: int) -> int:
+    return READY_OFF + rank * MAX_CHUNKS + chunk
+
+
+def rdone_index(rank: int, chunk: int) -> int:
+    return RDONE_OFF + rank * MAX_CHUNKS + chunk
+
+
+def shard_index(rank: int) -> int:
+    return XREADY_OFF + rank
 
 
 class FusedCommError(RuntimeError):
@@ -70,15 +86,24 @@ class Workspace:
         peers = self._peer_views(total)
         self._check_mapping(peers)
         self.flags = [p[:FLAG_BYTES].view(torch.int32) for p in peers]
+        self.flag_ptrs = [f.data_ptr() for f in self.flags]
         self.data = [[p[FLAG_BYTES + i * self.data_bytes:FLAG_BYTES + (i + 1) * self.data_bytes] for p in peers]
                      for i in range(2)]
-        self.flag_table = torch.tensor([f.data_ptr() for f in self.flags], dtype=torch.int64, device=device)
-        self.data_tables = [torch.tensor([d.data_ptr() for d in self.data[i]], dtype=torch.int64, device=device)
-                            for i in range(2)]
+        self.data_ptrs = [[d.data_ptr() for d in self.data[i]] for i in range(2)]
         self.epoch = 0
-        self.comm_stream = torch.cuda.Stream(device=device, priority=-1)
+        # One pull stream per peer for the reduce phase and one for the gather phase, so the copy engines read
+        # all peers at once (one stream would serialise them); high priority so the reduction's small kernels
+        # start ahead of the GEMM's next tiles.
+        peers_q = [q for q in range(self.world) if q != self.rank]
+        self.pull_streams = {q: torch.cuda.Stream(device=device, priority=-1) for q in peers_q}
+        self.gather_streams = {q: torch.cuda.Stream(device=device, priority=-1) for q in peers_q}
+        self.reduce_stream = torch.cuda.Stream(device=device, priority=-1)
         self.copy_stream = torch.cuda.Stream(device=device, priority=-1)
+        self.rescue_stream = torch.cuda.Stream(device=device)
+        self.stage = torch.empty(0, dtype=torch.uint8, device=device)
         self.pending: Optional[torch.cuda.Event] = None
+        self.keep: list = []  # tensors the side streams still write until `join`
+        self.error: Optional[str] = None
 
     def _peer_views(self, total: int) -> list:
         """Every rank's copy of this buffer. The tensor may sit at an offset inside its symmetric allocation
@@ -106,44 +131,62 @@ class Workspace:
 
     def _check_mapping(self, peers) -> None:
         """Each rank writes its rank into a spare flag word; every rank must read each peer's own value through
-        its mapping. Leaves every flag zero, and all ranks past a barrier, before any kernel signals."""
-        probe = ERROR_OFF + 1
+        its mapping. Leaves every flag zero, and all ranks past a barrier, before any stream signals."""
         mine = self.buffer[:FLAG_BYTES].view(torch.int32)
-        mine[probe] = self.rank + 1
+        mine[PROBE_OFF] = self.rank + 1
         self.handle.barrier(0)
-        seen = [int(p[:FLAG_BYTES].view(torch.int32)[probe].item()) for p in peers]
+        seen = [int(p[:FLAG_BYTES].view(torch.int32)[PROBE_OFF].item()) for p in peers]
         self.handle.barrier(0)
-        mine[probe] = 0
+        mine[PROBE_OFF] = 0
         self.handle.barrier(0)
         if seen != [q + 1 for q in range(self.world)]:
             raise RuntimeError(f"symmetric memory for group '{self.group_name}' maps the wrong peer buffers: rank "
                                f"{self.rank} read {seen}, expected {[q + 1 for q in range(self.world)]}")
 
     def next_epoch(self) -> int:
+        self.check()
         self.join()
         self.epoch += 1
         return self.epoch
+
+    def flag_addr(self, rank: int, index: int) -> int:
+        return self.flag_ptrs[rank] + 4 * index
 
     def data_view(self, rank: int, epoch: int, shape, dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
         return self.data[epoch % 2][rank][:nbytes].view(dtype).view(shape)
 
-    def defer_join(self, event: torch.cuda.Event) -> None:
+    def data_ptr(self, rank: int, epoch: int) -> int:
+        return self.data_ptrs[epoch % 2][rank]
+
+    def stage_view(self, nbytes: int) -> torch.Tensor:
+        """Local staging for peers' partial sums, reused by every op: the pull streams wait for the compute
+        stream at the start of each op, which is after the previous op's reduction read it (join)."""
+        if self.stage.numel() < nbytes:
+            self.stage = torch.empty(-(-nbytes // 256) * 256, dtype=torch.uint8, device=self.device)
+        return self.stage
+
+    def defer_join(self, event: torch.cuda.Event, keep: list) -> None:
         """The op's side-stream work ends at `event`; the compute stream waits before the next op (or `join`)."""
-        self.pending = event
+        self.pending, self.keep = event, keep
 
     def join(self) -> None:
         if self.pending is not None:
             torch.cuda.current_stream(self.device).wait_event(self.pending)
-            self.pending = None
+            self.pending, self.keep = None, []
+
+    def fail(self, waited_s: float) -> None:
+        """Called by the watchdog: record the error, then release every stream wait on this rank."""
+        self.error = (f"fused TP collective on group '{self.group_name}' (rank {self.rank} of {self.world}) did "
+                      f"not complete within {waited_s:g} s: a peer rank failed or did not run the same layer "
+                      "(AUTOTP_FUSED_TIMEOUT_S sets the limit)")
+        torch.cuda.set_device(self.device)  # the driver call below needs this thread's current context
+        cuda_driver.memset32(self.rescue_stream.cuda_stream, self.flag_ptrs[self.rank],
+                             self.epoch + POISON_AHEAD, FLAG_WORDS)
 
     def check(self) -> None:
-        code = int(self.flags[self.rank][ERROR_OFF].item())
-        if code:
-            raise FusedCommError(
-                f"fused TP collective on group '{self.group_name}' (rank {self.rank} of {self.world}) timed out "
-                f"waiting for a peer (code {code}: 1 chunk ready, 2 reduced chunk, 3 input shard); a peer rank "
-                "failed or did not run the same layer")
+        if self.error is not None:
+            raise FusedCommError(self.error)
 
 
 def existing(group, device: torch.device) -> Optional[Workspace]:
@@ -165,7 +208,7 @@ def workspace(group, device: torch.device, data_bytes: int) -> Workspace:
 
 
 def check_errors() -> None:
-    """Raise FusedCommError if a fused collective on this rank timed out (reads one flag per workspace)."""
+    """Raise FusedCommError if a fused collective on this rank timed out (host state only: no device sync)."""
     for ws in list(_workspaces.values()) + _retired:
         ws.check()
 

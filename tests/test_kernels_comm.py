@@ -1,9 +1,8 @@
-"""The fused collectives' reduction kernel under TRITON_INTERPRET=1, with W ranks simulated in one process.
+"""The fused collectives' pieces that run without a GPU: the owner's reduction kernel under TRITON_INTERPRET=1,
+the chunk plan, and the watchdog that turns a stalled op into an error.
 
-Each simulated rank has its own flag words and partial buffer (plain CPU tensors; the kernel reaches peers
-through the same address tables it uses on GPUs). Ranks run the reduce phase in turn, then the gather phase, so
-no wait ever spins. The sum is checked bit for bit against fp32 accumulation in rank order 0..W-1 rounded once:
-the kernel promises exactly that order, and every rank must hold identical bits.
+The reduction is checked bit for bit against fp32 accumulation in rank order 0..W-1 rounded once: the kernel
+promises exactly that order, and every rank must hold identical bits (no tolerance: same operations, same order).
 """
 
 from __future__ import annotations
@@ -14,79 +13,138 @@ import torch
 pytest.importorskip("triton")
 
 from autotp_kernels import symm  # noqa: E402
-from autotp_kernels.comm_kernels import reduce_chunks_kernel, ready_index  # noqa: E402
-from autotp_kernels.fused import _chunk_rows, _pieces, alignment  # noqa: E402
-
-EPOCH = 7
-
-
-def _ranks(world, seg, S, N, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    partials = [torch.randn(seg, S, N, generator=gen).to(dtype) for _ in range(world)]
-    flags = [torch.zeros(symm.FLAG_WORDS, dtype=torch.int32) for _ in range(world)]
-    data_table = torch.tensor([p.data_ptr() for p in partials], dtype=torch.int64)
-    flag_table = torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64)
-    return partials, flags, data_table, flag_table
+from autotp_kernels.comm_kernels import reduce_slots  # noqa: E402
+from autotp_kernels.fused import MAX_CHUNKS, chunks, owner_rows  # noqa: E402
+from autotp_kernels.watchdog import Watchdog  # noqa: E402
 
 
-def _expected(partials):
-    acc = torch.zeros(partials[0].shape, dtype=torch.float32)
-    for p in partials:
+def _rank_ordered_sum(parts):
+    acc = torch.zeros(parts[0].shape, dtype=torch.float32)
+    for p in parts:
         acc += p.float()
-    return acc.to(partials[0].dtype)
+    return acc.to(parts[0].dtype)
 
 
-def _run(world, seg, S, N, pieces, dtype, scatter, ctas=3, block=16, seed=0, ready=True):
-    partials, flags, data_table, flag_table = _ranks(world, seg, S, N, dtype, seed)
-    expected = _expected(partials)
-    if ready:
-        for f in flags:
-            for q in range(world):
-                for c in range(world * pieces):
-                    f[ready_index(q, c)] = EPOCH
-    rows = [((r + 1) * S) // world - (r * S) // world for r in range(world)]
-    outs = [torch.full((seg, rows[r] if scatter else S, N), float("nan"), dtype=dtype) for r in range(world)]
-    for do_reduce, do_gather in ((True, False), (False, True)):
-        for rank in range(world):
-            reduce_chunks_kernel[(ctas,)](data_table, outs[rank], flag_table, rank, EPOCH, 50, seg, S, N, pieces,
-                                          0, world * pieces, W=world, SIGNAL_READY=ready, ALL_GATHER=not scatter,
-                                          DO_REDUCE=do_reduce, DO_GATHER=do_gather, BLOCK=block,
-                                          ALIGN=alignment(N, partials[0].element_size()), TIMER=False)
-    return outs, expected, flags, rows
-
-
-@pytest.mark.parametrize("world,seg,S,N,pieces", [(2, 1, 8, 5, 2), (4, 2, 12, 7, 3), (3, 1, 10, 33, 2),
-                                                   (4, 1, 6, 3, 1)])
+@pytest.mark.parametrize("world,seg,S,lo,hi,N", [(2, 1, 8, 2, 6, 5), (4, 2, 12, 3, 7, 33), (3, 1, 130, 5, 128, 123),
+                                                 (8, 3, 9, 0, 9, 4), (4, 1, 6, 2, 2, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_all_reduce_is_the_rank_ordered_sum_on_every_rank(world, seg, S, N, pieces, dtype):
-    outs, expected, flags, _ = _run(world, seg, S, N, pieces, dtype, scatter=False)
-    for rank, out in enumerate(outs):
-        assert torch.equal(out, expected), f"rank {rank}"
-        assert int(flags[rank][symm.ERROR_OFF]) == 0
+@pytest.mark.parametrize("write_back", [True, False])
+def test_reduce_slots_is_the_rank_ordered_sum_for_every_owner(world, seg, S, lo, hi, N, dtype, write_back):
+    gen = torch.Generator().manual_seed(world * 100 + N)
+    partials = [torch.randn(seg, S, N, generator=gen).to(dtype) for _ in range(world)]  # each rank's product
+    expected = _rank_ordered_sum([p[:, lo:hi] for p in partials])
+    for me in range(world):
+        own = partials[me].clone()
+        slots = torch.full((world, seg, hi - lo, N), float("nan"), dtype=dtype)  # my own slot is never read
+        for q in range(world):
+            if q != me:
+                slots[q] = partials[q][:, lo:hi]
+        out = torch.full((seg, S, N), float("nan"), dtype=dtype)
+        reduce_slots(own[:, lo:hi], slots, out[:, lo:hi], me, write_back=write_back, block=16)
+        assert torch.equal(out[:, lo:hi], expected), f"rank {me}"
+        assert out[:, :lo].isnan().all() and out[:, hi:].isnan().all()  # nothing outside the owner's rows
+        assert torch.equal(own[:, lo:hi], expected if write_back else partials[me][:, lo:hi])
+        assert torch.equal(own[:, :lo], partials[me][:, :lo]) and torch.equal(own[:, hi:], partials[me][:, hi:])
 
 
-@pytest.mark.parametrize("world,seg,S,N,pieces", [(2, 1, 8, 5, 2), (4, 2, 12, 7, 3), (4, 3, 8, 9, 2)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_reduce_scatter_keeps_each_rank_its_sequence_slice(world, seg, S, N, pieces, dtype):
-    outs, expected, _, rows = _run(world, seg, S, N, pieces, dtype, scatter=True)
-    for rank, out in enumerate(outs):
-        start = sum(rows[:rank])
-        assert torch.equal(out, expected[:, start:start + rows[rank]]), f"rank {rank}"
+def test_reduce_slots_rejects_rows_that_are_not_contiguous():
+    own = torch.zeros(1, 4, 6)[:, :, :3]
+    with pytest.raises(ValueError, match="contiguous"):
+        reduce_slots(own, torch.zeros(2, 1, 4, 3), torch.zeros(1, 4, 3), 0, write_back=False)
 
 
-def test_a_missing_peer_times_out_into_an_error_code_instead_of_hanging():
-    outs, _, flags, _ = _run(2, 1, 4, 3, 1, torch.float32, scatter=False, ready=False)
-    assert [int(f[symm.ERROR_OFF]) for f in flags] == [2, 2]  # the reduce wait (1) then the gather wait (2)
+@pytest.mark.parametrize("S,world,chunk_rows", [(8192, 4, 2048), (4096, 2, 1024), (100, 3, 7), (7, 4, 2048),
+                                                (16384, 8, 128), (13, 8, 1)])
+@pytest.mark.parametrize("scatter", [False, True])
+def test_chunks_give_every_row_to_exactly_one_owner(S, world, chunk_rows, scatter, monkeypatch):
+    from autotp_kernels import fused
 
-
-@pytest.mark.parametrize("S,world", [(8192, 4), (4096, 2), (100, 3), (7, 4), (16384, 8)])
-def test_chunks_tile_the_rows_exactly_once(S, world):
-    pieces = _pieces(S, world)
+    monkeypatch.setattr(fused.TUNING, "chunk_rows", chunk_rows)
+    pieces = chunks(S)
+    assert 1 <= pieces <= MAX_CHUNKS
     covered = torch.zeros(S, dtype=torch.int32)
-    for c in range(world * pieces):
-        lo, hi = _chunk_rows(c, S, world, pieces)
-        owner = c % world
-        assert (owner * S) // world <= lo <= hi <= ((owner + 1) * S) // world
-        covered[lo:hi] += 1
+    for j in range(pieces):
+        rows = owner_rows(j, S, world, pieces, scatter)
+        assert len(rows) == world
+        for o, (lo, hi) in enumerate(rows):
+            assert lo <= hi
+            if scatter:  # a rank owns only rows of its own sequence shard
+                assert (o * S) // world <= lo and hi <= ((o + 1) * S) // world
+            covered[lo:hi] += 1
+        if not scatter:  # one GEMM per chunk: the owners' rows are one contiguous range
+            assert all(rows[o][1] == rows[o + 1][0] for o in range(world - 1))
     assert torch.equal(covered, torch.ones(S, dtype=torch.int32))
-    assert world * pieces <= symm.MAX_CHUNKS
+
+
+class _Event:
+    def __init__(self):
+        self.finished = False
+
+    def query(self):
+        return self.finished
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _manual_watchdog():
+    clock = _Clock()
+    dog = Watchdog(clock=clock)
+    dog._thread = object()  # polled by hand below: no thread
+    return dog, clock
+
+
+def test_watchdog_retires_finished_ops_without_firing():
+    dog, clock = _manual_watchdog()
+    fired = []
+    events = [_Event() for _ in range(3)]
+    for e in events:
+        dog.watch(e, 5.0, fired.append)
+    events[0].finished = events[1].finished = True
+    clock.now = 1.0
+    dog.poll()
+    assert dog.pending() == 1 and fired == []
+    events[2].finished = True
+    clock.now = 100.0  # past the deadline, but finished: not a timeout
+    dog.poll()
+    assert dog.pending() == 0 and fired == []
+
+
+def test_watchdog_fires_once_for_an_op_past_its_deadline():
+    dog, clock = _manual_watchdog()
+    fired = []
+    stuck, later = _Event(), _Event()
+    dog.watch(stuck, 5.0, fired.append)
+    dog.watch(later, 5.0, fired.append)
+    clock.now = 4.9
+    dog.poll()
+    assert fired == []
+    clock.now = 5.1
+    dog.poll()
+    assert fired == [5.0]  # the stuck op; the next one is still within its own deadline
+    later.finished = True  # its waits were released by the first timeout
+    dog.poll()
+    assert fired == [5.0] and dog.pending() == 0
+
+
+def test_watchdog_thread_fires_on_its_own():
+    import threading
+
+    dog = Watchdog(poll_s=0.001)
+    fired = threading.Event()
+    dog.watch(_Event(), 0.01, lambda waited: fired.set())
+    assert fired.wait(5.0), "the watchdog thread never fired"  # 5 s: generous for a loaded 2-core CI machine
+
+
+def test_flag_words_do_not_overlap():
+    ranges = [(symm.ready_index(0, 0), symm.ready_index(symm.MAX_RANKS - 1, MAX_CHUNKS - 1)),
+              (symm.rdone_index(0, 0), symm.rdone_index(symm.MAX_RANKS - 1, MAX_CHUNKS - 1)),
+              (symm.shard_index(0), symm.shard_index(symm.MAX_RANKS - 1)), (symm.PROBE_OFF, symm.PROBE_OFF)]
+    for (lo, hi), (next_lo, _) in zip(ranges, ranges[1:]):
+        assert hi < next_lo
+    assert symm.PROBE_OFF < symm.FLAG_WORDS and symm.FLAG_BYTES % 256 == 0
