@@ -34,6 +34,9 @@ def build_model(layers: int):
     # Built on the meta device and filled in bf16 with HF's Llama init (normal(0, 0.02) matrices, unit norms):
     # the eager fp32 build ran kaiming then HF's init over 2.8 B parameters, 20-30 s of each run's 60-80 s with
     # four processes sharing 16 cores; this takes ~5 s. Seeded, so every rank and provider gets the same weights.
+    threads = torch.get_num_threads()
+    # torchrun sets OMP_NUM_THREADS=1: share the machine's cores among the local ranks for the fill instead.
+    torch.set_num_threads(max(threads, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
@@ -42,6 +45,7 @@ def build_model(layers: int):
     with torch.no_grad():
         for param in model.parameters():
             param.fill_(1.0) if param.dim() == 1 else param.normal_(0.0, config.initializer_range)
+    torch.set_num_threads(threads)
     return model, config
 
 
@@ -133,9 +137,12 @@ def main():
     if args.provider == "all":
         return run_all(args)
 
+    began = time.perf_counter()
     model, config = build_model(args.layers)
+    built = time.perf_counter()
     n_params = sum(p.numel() for p in model.parameters())
     forward, backward, step, world, rank, dp = setup(args, model)
+    ready = time.perf_counter()
     del model  # the providers hold what they keep; the unsharded CPU copy must not count
     torch.cuda.synchronize()
     static_gb = torch.cuda.memory_allocated() / 2 ** 30  # weights (+ masters, optimizer buffers made so far)
@@ -193,6 +200,8 @@ def main():
             for index, loss in enumerate(losses):
                 writer.writerow([row["date"], args.provider, row["tp"], dp, args.zero, index, f"{loss:.5f}"])
     if rank == 0:
+        print(f"PHASES build {built - began:.1f} s, setup {ready - built:.1f} s, steps {time.perf_counter() - ready:.1f} s",
+              flush=True)
         print("RESULT " + json.dumps(row), flush=True)
         _append_row(args.csv, row)
     if dist.is_initialized():
