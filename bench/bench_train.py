@@ -131,7 +131,7 @@ def main():
     parser.add_argument("--profile", default=None, help="profile one step after warm-up; write the table here (.md)")
     parser.add_argument("--gpus", type=int, default=None, help="--provider all: GPUs for the TP providers")
     parser.add_argument("--providers", default="single,deepspeed,dtensor,autotp",
-                        help="--provider all: which ones (the single-GPU row needs measuring once per machine)")
+                        help="--provider all: which ones, in this order (the single-GPU row runs first, once per machine)")
     parser.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.csv"))
     args = parser.parse_args()
     if args.provider == "all":
@@ -244,7 +244,10 @@ def run_all(args) -> None:
     script = os.path.abspath(__file__)
     wanted = args.providers.split(",")
     runs = [[sys.executable, script, "--provider", "single"] + common] if "single" in wanted else []
-    for provider in [p for p in ("deepspeed", "dtensor", "autotp") if p in wanted]:
+    unknown = set(wanted) - {"single", "deepspeed", "dtensor", "autotp"}
+    if unknown:
+        raise SystemExit(f"--providers: unknown {sorted(unknown)}; choose from single, deepspeed, dtensor, autotp")
+    for provider in [p for p in wanted if p != "single"]:  # in the order given
         extra = []
         if provider == "autotp":
             extra = ["--kernels", args.kernels] + (["--vocab-parallel"] if args.vocab_parallel else []) + \

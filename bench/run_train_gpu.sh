@@ -4,6 +4,7 @@
 #                                               and kernels torch vs triton (the sequence-parallel issue)
 #   MODE=peers bash bench/run_train_gpu.sh      --provider all for TP4 ZeRO-1, TP2 ZeRO-1, TP2 x DP2 ZeRO-2, with
 #                                               autotp's chosen features and a profile of one autotp step
+#   MODE=autotp bash bench/run_train_gpu.sh     the same without single and DeepSpeed (a second device call)
 # DeepSpeed comes from the wheels in .whl/ (see ../shared/GPU.md). Prints a short table last.
 set -u
 RES=${OUT:-/tmp/train_out}
@@ -30,6 +31,21 @@ if [ "${MODE:-features}" = features ]; then
   # The fused kernels' own bench (bench/run_tp_overlap_gpu.sh) decides whether this row is worth its minutes.
   [ "${TRITON_RUN:-1}" = 1 ] && run both_triton --kernels triton --vocab-parallel --sequence-parallel
   CSV="$RES/train_features.csv"
+elif [ "${MODE}" = autotp ]; then
+  # The rows a peers run left out when its providers used up the device call (DeepSpeed's runs take ~100-120 s
+  # each): autotp in every configuration (profile and losses at TP=4), then DTensor, in the order they matter.
+  timeout 150 python3 bench/bench_train.py --provider all --providers autotp --tp 4 --gpus 4 --zero 1 \
+    --steps "$STEPS" --warmup 3 --csv "$RES/train_peers.csv" --losses-csv "$RES/train_peers_losses.csv" \
+    --profile "$RES/profile_tp4.md" $FEATURES > "$RES/log_tp4.txt" 2>&1
+  timeout 130 python3 bench/bench_train.py --provider all --providers autotp --tp 2 --gpus 4 --zero 2 \
+    --steps "$STEPS" --warmup 3 --csv "$RES/train_peers.csv" $FEATURES > "$RES/log_tp2dp2.txt" 2>&1
+  CUDA_VISIBLE_DEVICES=0,1 timeout 130 python3 bench/bench_train.py --provider all --providers autotp,dtensor \
+    --tp 2 --gpus 2 --zero 1 --steps "$STEPS" --warmup 3 --csv "$RES/train_peers.csv" $FEATURES > "$RES/log_tp2.txt" 2>&1
+  timeout 150 python3 bench/bench_train.py --provider all --providers dtensor --tp 4 --gpus 4 --zero 1 \
+    --steps "$STEPS" --warmup 3 --csv "$RES/train_peers.csv" $FEATURES > "$RES/log_tp4_dtensor.txt" 2>&1
+  grep -h PHASES "$RES"/log_*.txt
+  CSV="$RES/train_peers.csv"
+  cat "$RES/profile_tp4.md" 2>/dev/null
 else
   # Each run builds the 2.8 B-parameter model on the CPU first (~5 s since the meta-device build) and imports its
   # provider: every configuration gets ~60 s per provider, all three fit one 600 s device call. The single-GPU row
