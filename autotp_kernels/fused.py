@@ -129,21 +129,14 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     out = torch.empty((seg, S // world if scatter else S, N), dtype=a0.dtype, device=a0.device)
     pieces = chunks(S)
     plan = [owner_rows(j, S, world, pieces, scatter) for j in range(pieces)]
-    # Stage slots: for chunk j, W slots [SEG, rows of mine in j, N] (my own slot unused: simpler offsets).
-    slot_offsets, total = [], 0
-    for rows in plan:
-        slot_offsets.append(total)
-        total += world * seg * (rows[me][1] - rows[me][0]) * N
-    stage = ws.stage_view(total * elem)[:total * elem].view(a0.dtype)
     compute = torch.cuda.current_stream(a0.device)
-    start = torch.cuda.Event()
-    start.record(compute)
-    side = [ws.reduce_stream] + list(ws.pull_streams.values()) + ([] if scatter else list(ws.gather_streams.values()))
-    for stream in side:
-        stream.wait_event(start)
-    seg_bytes, row_bytes = S * N * elem, N * elem
-    out_seg_rows = out.shape[1]
+    start = ws.events("start", 1)[0]
+    start.record(compute)  # the side streams start here: after the inputs and the previous op's join
     peers = [(me + i) % world for i in range(1, world)]  # rank-shifted: each rank reads a different peer first
+    # Phase 1, compute stream: every chunk's GEMM, each followed by its READY on every peer. All of a rank's
+    # signals are issued before any of its waits, so no wait can sit in a hardware queue ahead of a signal that
+    # some peer needs (CUDA maps streams onto a few queues: CUDA_DEVICE_MAX_CONNECTIONS).
+    chunk_done = ws.events("chunk", pieces)
     for j, rows in enumerate(plan):
         if scatter:
             for lo, hi in rows:
@@ -152,46 +145,60 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
             _gemm_rows(pairs, partial, rows[0][0], rows[-1][1], gemm)
         for o in peers:
             cuda_driver.write_value(compute.cuda_stream, ws.flag_addr(o, ready_index(me, j)), epoch)
-        chunk_done = torch.cuda.Event()
-        chunk_done.record(compute)
-        lo, hi = rows[me]
-        mine = hi - lo
-        slots = stage[slot_offsets[j]:slot_offsets[j] + world * seg * mine * N].view(world, seg, mine, N)
-        ws.reduce_stream.wait_event(chunk_done)
-        for q in peers:
-            pull = ws.pull_streams[q]
-            cuda_driver.wait_value(pull.cuda_stream, ws.flag_addr(me, ready_index(q, j)), epoch)
-            for s in range(seg):
-                cuda_driver.copy(pull.cuda_stream, slots[q, s].data_ptr(),
-                                 ws.data_ptr(q, epoch) + s * seg_bytes + lo * row_bytes, mine * row_bytes)
-            pulled = torch.cuda.Event()
-            pulled.record(pull)
-            ws.reduce_stream.wait_event(pulled)
-        if scatter:
-            target = out[:, lo - me * out_seg_rows:hi - me * out_seg_rows]
-        else:
-            target = out[:, lo:hi]
-        with torch.cuda.stream(ws.reduce_stream):
-            reduce_slots(partial[:, lo:hi], slots, target, me, write_back=not scatter, block=TUNING.block)
-        if scatter:
-            continue
-        for o in peers:
-            cuda_driver.write_value(ws.reduce_stream.cuda_stream, ws.flag_addr(o, rdone_index(me, j)), epoch)
-        for o in peers:
-            gather = ws.gather_streams[o]
-            o_lo, o_hi = rows[o]
-            cuda_driver.wait_value(gather.cuda_stream, ws.flag_addr(me, rdone_index(o, j)), epoch)
-            for s in range(seg):
-                cuda_driver.copy(gather.cuda_stream, out[s, o_lo].data_ptr() if o_hi > o_lo else 0,
-                                 ws.data_ptr(o, epoch) + s * seg_bytes + o_lo * row_bytes, (o_hi - o_lo) * row_bytes)
+        chunk_done[j].record(compute)
+    # Phase 2, side streams: per chunk, pull this rank's rows of every peer's partial into stage slots, reduce,
+    # and (all-reduce) let the peers pull the result. Stage slots for chunk j: W x [SEG, my rows in j, N].
+    sizes = [world * seg * (rows[me][1] - rows[me][0]) * N for rows in plan]
+    stage = ws.stage_view(sum(sizes) * elem)[:sum(sizes) * elem].view(a0.dtype)
+    side = [ws.reduce_stream] + [ws.pull_streams[q] for q in peers] + \
+        ([] if scatter else [ws.gather_streams[q] for q in peers])
+    seg_bytes, row_bytes = S * N * elem, N * elem
+    pulled = ws.events("pulled", world)
+    reduce_stream = ws.reduce_stream
+    offset = 0
+    with torch.cuda.stream(reduce_stream):
+        for j, rows in enumerate(plan):
+            lo, hi = rows[me]
+            mine = hi - lo
+            slots = stage[offset:offset + sizes[j]].view(world, seg, mine, N)
+            offset += sizes[j]
+            reduce_stream.wait_event(chunk_done[j])
+            for q in peers:
+                pull = ws.pull_streams[q]
+                if j == 0:
+                    pull.wait_event(start)
+                cuda_driver.wait_value(pull.cuda_stream, ws.flag_addr(me, ready_index(q, j)), epoch)
+                src, dst = ws.data_ptr(q, epoch) + lo * row_bytes, slots.data_ptr() + q * seg * mine * row_bytes
+                for s in range(seg):
+                    cuda_driver.copy(pull.cuda_stream, dst + s * mine * row_bytes, src + s * seg_bytes,
+                                     mine * row_bytes)
+                pulled[q].record(pull)
+                reduce_stream.wait_event(pulled[q])
+            base = me * out.shape[1] if scatter else 0
+            reduce_slots(partial.narrow(1, lo, mine), slots, out.narrow(1, lo - base, mine), me,
+                         write_back=not scatter, block=TUNING.block)
+            if scatter:
+                continue
+            for o in peers:
+                cuda_driver.write_value(reduce_stream.cuda_stream, ws.flag_addr(o, rdone_index(me, j)), epoch)
+            for o in peers:
+                gather = ws.gather_streams[o]
+                if j == 0:
+                    gather.wait_event(start)
+                o_lo, o_hi = rows[o]
+                cuda_driver.wait_value(gather.cuda_stream, ws.flag_addr(me, rdone_index(o, j)), epoch)
+                if o_hi > o_lo:
+                    dst, src = out[0, o_lo].data_ptr(), ws.data_ptr(o, epoch) + o_lo * row_bytes
+                    for s in range(seg):
+                        cuda_driver.copy(gather.cuda_stream, dst + s * seg_bytes, src + s * seg_bytes,
+                                         (o_hi - o_lo) * row_bytes)
     _finish(ws, side, keep=[out], defer_join=defer_join)
     return out
 
 
 def _finish(ws, side, keep, defer_join: bool) -> None:
     """One event after every side stream's work: the compute stream's join point and the watchdog's marker."""
-    for stream in side[1:]:
-        tail = torch.cuda.Event()
+    for stream, tail in zip(side[1:], ws.events("tail", len(side))):
         tail.record(stream)
         side[0].wait_event(tail)
     done = torch.cuda.Event()

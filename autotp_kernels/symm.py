@@ -103,6 +103,7 @@ class Workspace:
         self.stage = torch.empty(0, dtype=torch.uint8, device=device)
         self.pending: Optional[torch.cuda.Event] = None
         self.keep: list = []  # tensors the side streams still write until `join`
+        self._events: dict = {}
         self.error: Optional[str] = None
 
     def _peer_views(self, total: int) -> list:
@@ -165,6 +166,14 @@ class Workspace:
         if self.stage.numel() < nbytes:
             self.stage = torch.empty(-(-nbytes // 256) * 256, dtype=torch.uint8, device=self.device)
         return self.stage
+
+    def events(self, name: str, count: int) -> list:
+        """A reusable pool of CUDA events (creating events costs host time on every chunk). Re-recording one is
+        safe once its waits are enqueued: a stream waits for the record that preceded its wait call."""
+        pool = self._events.setdefault(name, [])
+        while len(pool) < count:
+            pool.append(torch.cuda.Event())
+        return pool
 
     def defer_join(self, event: torch.cuda.Event, keep: list) -> None:
         """The op's side-stream work ends at `event`; the compute stream waits before the next op (or `join`)."""
