@@ -66,6 +66,20 @@ def _batch_fingerprint(args, kwargs) -> torch.Tensor:
     return torch.tensor([count, total, weighted], dtype=torch.float64)
 
 
+def _cast_floating_state(model: nn.Module, dtype: torch.dtype) -> None:
+    """Parameters and persistent buffers to `dtype`, as HF's from_pretrained(dtype=...) leaves a model; buffers a
+    module computes at construction (RoPE's inv_freq, built in fp32 on purpose) keep their dtype. Casting
+    inv_freq to bf16 too moved the first loss of the Llama-3-8B bench by 0.03 away from the dense model's."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+            for name, buf in module.named_buffers(recurse=False):
+                if buf.is_floating_point() and name not in module._non_persistent_buffers_set:
+                    setattr(module, name, buf.to(dtype))
+
+
 def _check_fused_collectives() -> None:
     """Raise if a fused TP collective timed out on this rank since the last step (its peers time out too, so
     every rank raises). Costs one flag read per workspace, and nothing when the fused kernels never ran."""
@@ -329,7 +343,7 @@ def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=N
     dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
     model.to(device)
     if dtype is not None:
-        model.to(dtype)
+        _cast_floating_state(model, dtype)
     _broadcast_parameters(model, groups)
 
     # Map unsharded parameter ids to the sharded parameters; the ZeRO store then swaps in what it updates.

@@ -31,12 +31,10 @@ def build_model(layers: int):
     config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                          num_hidden_layers=layers, vocab_size=128256, max_position_embeddings=8192)
     config._attn_implementation = "sdpa"
-    # Built on the meta device and filled in bf16 with HF's Llama init (normal(0, 0.02) matrices, unit norms):
-    # the eager fp32 build ran kaiming then HF's init over 2.8 B parameters, 20-30 s of each run's 60-80 s with
-    # four processes sharing 16 cores; this takes ~5 s. Seeded, so every rank and provider gets the same weights.
-    threads = torch.get_num_threads()
-    # torchrun sets OMP_NUM_THREADS=1: share the machine's cores among the local ranks for the fill instead.
-    torch.set_num_threads(max(threads, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    # Built on the meta device and filled in bf16 with HF's Llama init (normal(0, 0.02) matrices, unit norms), as
+    # every run of 2026-11-21's afternoon measured it (~60-90 s per rank with torchrun's one thread; the eager
+    # build ran kaiming then HF's init in fp32). Seeded: every rank and provider gets the same weights. RoPE's
+    # inv_freq stays fp32, as HF's from_pretrained(dtype=bf16) leaves it.
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
@@ -45,7 +43,6 @@ def build_model(layers: int):
     with torch.no_grad():
         for param in model.parameters():
             param.fill_(1.0) if param.dim() == 1 else param.normal_(0.0, config.initializer_range)
-    torch.set_num_threads(threads)
     return model, config
 
 

@@ -168,6 +168,7 @@ def _mixed_precision(rank, world_size, dtype_key):
     import autotp
 
     model = tiny_model("llama")
+    model.register_buffer("persistent_scale", torch.ones(3))  # a checkpointed float buffer: cast like weights
     config = {"train_micro_batch_size_per_gpu": 2, "tensor_parallel": {"autotp_size": 2},
               dtype_key: {"enabled": True, "initial_scale_power": 40, "hysteresis": 1},
               "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}
@@ -183,13 +184,16 @@ def _mixed_precision(rank, world_size, dtype_key):
         losses.append(float(loss.float()))
         scales.append(engine.loss_scale)
     return dict(dtype=str(dtype), masters=sorted(map(str, master_dtypes)), losses=losses, scales=scales,
-                skipped=engine.skipped_steps)
+                skipped=engine.skipped_steps, inv_freq=str(engine.module.model.rotary_emb.inv_freq.dtype),
+                persistent=str(engine.module.persistent_scale.dtype))
 
 
 def test_bf16_master_weights_train():
     results = run_distributed(2, _mixed_precision, "bf16")
     for result in results:
         assert result["dtype"] == "torch.bfloat16" and result["masters"] == ["torch.float32"]
+        # RoPE's inv_freq is computed in fp32 at construction, as HF's from_pretrained(dtype=bf16) leaves it
+        assert result["inv_freq"] == "torch.float32" and result["persistent"] == "torch.bfloat16"
         assert result["losses"][-1] < result["losses"][0] - 0.5, result["losses"]
         assert result["skipped"] == 0
     assert results[0]["losses"] == results[1]["losses"]  # TP ranks compute the same loss
