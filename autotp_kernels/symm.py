@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import threading
 import warnings
 from typing import Optional
 
@@ -184,14 +185,32 @@ class Workspace:
             torch.cuda.current_stream(self.device).wait_event(self.pending)
             self.pending, self.keep = None, []
 
-    def fail(self, waited_s: float) -> None:
-        """Called by the watchdog: record the error, then release every stream wait on this rank."""
+    def fail(self, waited_s: float, epoch: int, chunks: int) -> None:
+        """Called by the watchdog for op `epoch` (of `chunks` chunks): record the error, saying which peers'
+        signals this rank still lacks, then release every stream wait on this rank."""
+        torch.cuda.set_device(self.device)  # this thread needs the context current (driver calls below)
+        snapshot: dict = {}
+        # Read on a helper thread with a deadline: the release below must happen even if the read blocked.
+        reader = threading.Thread(target=lambda: snapshot.update(words=self._read_flags()), daemon=True)
+        reader.start()
+        reader.join(2.0)
+        words = snapshot.get("words")
+        missing = ["(flags unreadable)"] if words is None else [
+            f"{kind}(rank {q}, chunk {j})"
+            for kind, index in (("READY", ready_index), ("RDONE", rdone_index), ("XREADY", lambda q, j: shard_index(q)))
+            for q in range(self.world) if q != self.rank for j in range(chunks if kind != "XREADY" else 1)
+            if 0 <= words[index(q, j)] < epoch]
         self.error = (f"fused TP collective on group '{self.group_name}' (rank {self.rank} of {self.world}) did "
                       f"not complete within {waited_s:g} s: a peer rank failed or did not run the same layer "
-                      "(AUTOTP_FUSED_TIMEOUT_S sets the limit)")
-        torch.cuda.set_device(self.device)  # the driver call below needs this thread's current context
+                      f"(AUTOTP_FUSED_TIMEOUT_S sets the limit). Op {epoch}; signals not yet here (an all-gather "
+                      f"needs only XREADY, a reduce-scatter no RDONE): {', '.join(missing[:12]) or 'none'}")
         cuda_driver.memset32(self.rescue_stream.cuda_stream, self.flag_ptrs[self.rank],
                              self.epoch + POISON_AHEAD, FLAG_WORDS)
+
+    def _read_flags(self) -> list:
+        torch.cuda.set_device(self.device)
+        with torch.cuda.stream(self.rescue_stream):  # a non-blocking stream: runs while the others wait
+            return self.flags[self.rank].cpu().tolist()
 
     def check(self) -> None:
         if self.error is not None:
