@@ -33,11 +33,12 @@ def sgd_step(*modules) -> None:
                     param.sub_(LR * param.grad)
 
 
-def _compare_family(family: str, mode: str, tp: int, device: str = "cpu") -> dict:
-    """Dense vs TP on `device` (tests/gpu/nccl_core_check.py runs it on CUDA); results on global rank 0."""
+def _compare_family(family: str, mode: str, tp: int, device: str = "cpu", overrides: dict = None) -> dict:
+    """Dense vs TP on `device` (tests/gpu/nccl_core_check.py runs it on CUDA); results on global rank 0.
+    `overrides` change the tiny config (tests/test_world8.py: 8 query heads for TP=8)."""
     import autotp
 
-    dense = tiny_model(family).eval().to(device)
+    dense = tiny_model(family, **(overrides or {})).eval().to(device)
     model = copy.deepcopy(dense)
     preset = PRESET_OF.get(family, family) if mode == "preset" else None
     autotp.parallelize(model, tp_size=tp, preset_model=preset, verbose=False)
