@@ -25,11 +25,19 @@ import torch.distributed as dist
 H200_BF16_TFLOPS = 989e12
 
 
-def build_model(layers: int):
+SHAPES = {  # hidden, intermediate, query heads, KV heads (head_dim 128, vocabulary 128256)
+    "llama3-8b": (4096, 14336, 32, 8),
+    "llama3-70b": (8192, 28672, 64, 8),
+}
+
+
+def build_model(layers: int, shape: str = "llama3-8b"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                         num_hidden_layers=layers, vocab_size=128256, max_position_embeddings=8192)
+    hidden, intermediate, heads, kv_heads = SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=128256,
+                         max_position_embeddings=8192)
     config._attn_implementation = "sdpa"
     # Built on the meta device and filled with HF's Llama init (normal(0, 0.02) matrices, unit norms) drawn on this
     # rank's GPU: on the H200 machine the CPU's bf16 normal_ took 85-95 s per rank under torchrun (one thread
@@ -121,6 +129,7 @@ def main():
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--zero", type=int, default=0)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="layer sizes of this model")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=12)
@@ -141,7 +150,7 @@ def main():
         return run_all(args)
 
     began = time.perf_counter()
-    model, config = build_model(args.layers)
+    model, config = build_model(args.layers, args.shape)
     built = time.perf_counter()
     n_params = sum(p.numel() for p in model.parameters())
     forward, backward, step, world, rank, dp = setup(args, model)
@@ -179,7 +188,7 @@ def main():
     flops_per_token = 6 * n_params + 12 * args.layers * config.hidden_size * args.seq
     row = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), world=world,
                provider=args.provider, tp=args.tp if args.provider != "single" else 1, dp=dp, zero=args.zero,
-               layers=args.layers, seq=args.seq, micro_batch=args.micro_batch, params=n_params,
+               shape=args.shape, layers=args.layers, seq=args.seq, micro_batch=args.micro_batch, params=n_params,
                kernels=args.kernels if args.provider == "autotp" else "",
                vocab_parallel=int(args.vocab_parallel and args.provider == "autotp"),
                sequence_parallel=int(args.sequence_parallel and args.provider == "autotp"),
@@ -239,7 +248,8 @@ def run_all(args) -> None:
     import sys
 
     gpus = args.gpus or args.tp
-    common = ["--tp", str(args.tp), "--zero", str(args.zero), "--layers", str(args.layers), "--seq", str(args.seq),
+    common = ["--tp", str(args.tp), "--zero", str(args.zero), "--layers", str(args.layers), "--shape", args.shape,
+              "--seq", str(args.seq),
               "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--csv", args.csv]
     if args.losses_csv:

@@ -26,7 +26,7 @@ torch.backends.cudnn.allow_tf32 = False
 def main():
     autotp.init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
-    tp, family = 2, "qwen3"
+    tp, family = (4 if world >= 8 else 2), "qwen3"  # 8 GPUs: TP=4 x DP=2, the two-node layout of issue 8
     dp = world // tp
     ok = True
     for stage in (0, 1, 2):
