@@ -29,7 +29,7 @@ from .groups import ParallelGroups, build_groups, groups_from_mesh, groups_from_
 from .loss_scaler import LossScaler
 from .optim import build_optimizer, build_scheduler
 from .replace import parallelize, set_kernels
-from .vocab_parallel import enable_vocab_parallel_loss, supports_vocab_parallel_loss
+from .vocab_parallel import enable_vocab_parallel_loss, vocab_parallel_wanted
 from .zero.partitioned import PartitionedState
 from .zero.replicated import ReplicatedState
 
@@ -72,7 +72,7 @@ def _cast_floating_state(model: nn.Module, dtype: torch.dtype) -> None:
     inv_freq to bf16 too moved the first loss of the Llama-3-8B bench by 0.03 away from the dense model's."""
     with torch.no_grad():
         for module in model.modules():
-            for name, param in module.named_parameters(recurse=False):
+            for param in module.parameters(recurse=False):
                 if param.is_floating_point() and param.dtype != dtype:
                     param.data = param.data.to(dtype)
             for name, buf in module.named_buffers(recurse=False):
@@ -82,7 +82,7 @@ def _cast_floating_state(model: nn.Module, dtype: torch.dtype) -> None:
 
 def _check_fused_collectives() -> None:
     """Raise if a fused TP collective timed out on this rank since the last step (its peers time out too, so
-    every rank raises). Costs one flag read per workspace, and nothing when the fused kernels never ran."""
+    every rank raises). Reads host state only (the watchdog records the error): no device sync."""
     symm = sys.modules.get("autotp_kernels.symm")
     if symm is not None:
         symm.check_errors()
@@ -329,9 +329,7 @@ def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=N
         model.autotp_state.groups = groups
     elif "kernels" in (raw.get("tensor_parallel") or {}):
         set_kernels(model, cfg.tensor_parallel.kernels)  # tp_model_init sharded it; the config picks GEMMs
-    vocab = cfg.tensor_parallel.vocab_parallel_loss
-    if vocab == "auto":
-        vocab = supports_vocab_parallel_loss(model)
+    vocab = vocab_parallel_wanted(cfg.tensor_parallel.vocab_parallel_loss, model, groups.tp_size)
     if vocab and groups.tp_size > 1 and state is not None:
         try:  # sharded by tp_model_init / parallelize without it: works if its LM head is vocab-split
             enable_vocab_parallel_loss(model)

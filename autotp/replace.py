@@ -338,10 +338,9 @@ def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, 
     if vocab_parallel not in (True, False, "auto"):
         raise PlanError(f"vocab_parallel must be true, false or 'auto', got {vocab_parallel!r}")
     groups = _resolve_groups(tp_size, tp_group, device_mesh)
-    if vocab_parallel == "auto":
-        from .vocab_parallel import supports_vocab_parallel_loss
+    from .vocab_parallel import vocab_parallel_wanted  # vocab_parallel imports layers, which imports this module
 
-        vocab_parallel = groups.tp_size > 1 and supports_vocab_parallel_loss(model)
+    vocab_parallel = vocab_parallel_wanted(vocab_parallel, model, groups.tp_size)
     config = getattr(model, "config", None)
     dims = model_dims(config)
     targets = collect_targets(model)

@@ -122,6 +122,14 @@ def supports_vocab_parallel_loss(model: nn.Module) -> bool:
     return "self.loss_function(" in source
 
 
+def vocab_parallel_wanted(setting, model: nn.Module, tp_size: int) -> bool:
+    """The vocab-parallel loss setting (`tensor_parallel.vocab_parallel_loss`, `parallelize(vocab_parallel=)`)
+    resolved: True and False as given, "auto" on at TP > 1 where `supports_vocab_parallel_loss(model)`."""
+    if setting == "auto":
+        return tp_size > 1 and supports_vocab_parallel_loss(model)
+    return bool(setting)
+
+
 def _labels_position(model: nn.Module) -> int | None:
     """Index of `labels` among forward's positional arguments (after self), or None."""
     try:

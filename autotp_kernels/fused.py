@@ -192,11 +192,11 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
                     for s in range(seg):
                         cuda_driver.copy(gather.cuda_stream, dst + s * seg_bytes, src + s * seg_bytes,
                                          (o_hi - o_lo) * row_bytes)
-    _finish(ws, side, keep=[out], defer_join=defer_join, chunks=pieces)
+    _finish(ws, side, keep=[out], defer_join=defer_join, pieces=pieces)
     return out
 
 
-def _finish(ws, side, keep, defer_join: bool, chunks: int = 1) -> None:
+def _finish(ws, side, keep, defer_join: bool, pieces: int = 1) -> None:
     """One event after every side stream's work: the compute stream's join point and the watchdog's marker."""
     for stream, tail in zip(side[1:], ws.events("tail", len(side))):
         tail.record(stream)
@@ -204,7 +204,7 @@ def _finish(ws, side, keep, defer_join: bool, chunks: int = 1) -> None:
     done = torch.cuda.Event()
     done.record(side[0])
     epoch = ws.epoch
-    WATCHDOG.watch(done, TUNING.timeout_s, lambda waited: ws.fail(waited, epoch, chunks))
+    WATCHDOG.watch(done, TUNING.timeout_s, lambda waited: ws.fail(waited, epoch, pieces))
     ws.defer_join(done, keep)
     if not defer_join:
         ws.join()

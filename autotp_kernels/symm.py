@@ -195,17 +195,21 @@ class Workspace:
         reader.start()
         reader.join(2.0)
         words = snapshot.get("words")
-        missing = ["(flags unreadable)"] if words is None else [
-            f"{kind}(rank {q}, chunk {j})"
-            for kind, index in (("READY", ready_index), ("RDONE", rdone_index), ("XREADY", lambda q, j: shard_index(q)))
-            for q in range(self.world) if q != self.rank for j in range(chunks if kind != "XREADY" else 1)
-            if 0 <= words[index(q, j)] < epoch]
+        missing = ["(flags unreadable)"] if words is None else self._missing_signals(words, epoch, chunks)
         self.error = (f"fused TP collective on group '{self.group_name}' (rank {self.rank} of {self.world}) did "
                       f"not complete within {waited_s:g} s: a peer rank failed or did not run the same layer "
                       f"(AUTOTP_FUSED_TIMEOUT_S sets the limit). Op {epoch}; signals not yet here (an all-gather "
                       f"needs only XREADY, a reduce-scatter no RDONE): {', '.join(missing[:12]) or 'none'}")
         cuda_driver.memset32(self.rescue_stream.cuda_stream, self.flag_ptrs[self.rank],
                              self.epoch + POISON_AHEAD, FLAG_WORDS)
+
+    def _missing_signals(self, words: list, epoch: int, chunks: int) -> list:
+        """The flag words of op `epoch` that peers have not written yet, named."""
+        peers = [q for q in range(self.world) if q != self.rank]
+        expected = [(f"READY(rank {q}, chunk {j})", ready_index(q, j)) for q in peers for j in range(chunks)]
+        expected += [(f"RDONE(rank {q}, chunk {j})", rdone_index(q, j)) for q in peers for j in range(chunks)]
+        expected += [(f"XREADY(rank {q})", shard_index(q)) for q in peers]
+        return [label for label, index in expected if 0 <= words[index] < epoch]
 
     def _read_flags(self) -> list:
         torch.cuda.set_device(self.device)

@@ -12,12 +12,9 @@ mkdir -p "$RES"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 AUTOTP_FUSED_TIMEOUT_S=${AUTOTP_FUSED_TIMEOUT_S:-60}
 STAGES=" ${STAGES:-checks overlap} "
 nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c
-if ls .whl/deepspeed-*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=$PWD:/tmp/site
-fi
-# The C++/NCCL extension, built once outside any time limit (a JIT build inside a run took its whole limit).
-python3 -c "from autotp import _ext; _ext.load('nccl'); _ext.load('planner'); print('extensions built')" 2>&1 | tail -1
+source bench/gpu_setup.sh
+install_deepspeed_wheels
+build_extensions
 gpu_check() {  # script, seconds, [args]
   local name; name=$(basename "$1" .py)
   timeout "$2" torchrun --standalone --nproc_per_node=8 "$1" ${3:-} > "$RES/$name.txt" 2>&1

@@ -12,14 +12,10 @@ mkdir -p "$RES"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 STEPS=${STEPS:-10}
 FEATURES=${FEATURES:---vocab-parallel}  # the defaults chosen by MODE=features (bench/results/README.md)
-if ls .whl/deepspeed-*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=$PWD:/tmp/site
-fi
+source bench/gpu_setup.sh
+install_deepspeed_wheels
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
-# ZeRO-2 with DP > 1 loads the C++/NCCL extension; a JIT build inside a timed run took the whole 70-150 s limit in
-# three device calls (autotp TP2 x DP2 never printed a result). Build it once, untimed.
-python3 -c "from autotp import _ext; _ext.load('nccl'); _ext.load('planner'); print('extensions built')" 2>&1 | tail -1
+build_extensions
 run() {  # label, then bench_train arguments
   local label=$1; shift
   timeout 170 torchrun --standalone --nproc_per_node=4 bench/bench_train.py --provider autotp --tp 4 --zero 1 \
