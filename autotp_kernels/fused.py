@@ -110,6 +110,56 @@ def _check_pairs(pairs):
             raise ValueError("fused matmul: all operand pairs need the same [SEG, S] and dtype")
 
 
+@dataclass
+class _ReducePlan:
+    """What one (shape, epoch parity) of `matmul_reduce` issues, precomputed: row ranges, flag and copy
+    addresses, views of the stage slots and of this rank's partial. Built on the first call of a shape and
+    reused, so a call's host time is the driver calls themselves (bench/results/fused_notes.md: building
+    these per call cost more host time than the GPU time of a chunk)."""
+    gemm_rows: list   # [chunk] -> [(lo, hi)] rows of the partial product the compute stream writes
+    ready: list       # [chunk] -> flag addresses on the peers: READY(me, j)
+    pulls: list       # [chunk] -> [(peer, stream, flag address to wait on, [(dst, src, bytes)])]
+    reduce: list      # [chunk] -> (own rows view, stage slots view, first out row, rows)
+    rdone: list       # [chunk] -> flag addresses on the peers: RDONE(me, j)
+    gathers: list     # [chunk] -> [(stream, flag address to wait on, [(dst offset in out, src, bytes)])]
+
+
+def _reduce_plan(ws, partial, S: int, N: int, scatter: bool, pieces: int, epoch: int) -> _ReducePlan:
+    world, me = ws.world, ws.rank
+    seg, elem = partial.shape[0], partial.element_size()
+    seg_bytes, row_bytes = S * N * elem, N * elem
+    rows = [owner_rows(j, S, world, pieces, scatter) for j in range(pieces)]
+    sizes = [world * seg * (r[me][1] - r[me][0]) * N for r in rows]
+    stage = ws.stage_view(sum(sizes) * elem)[:sum(sizes) * elem].view(partial.dtype)
+    peers = [(me + i) % world for i in range(1, world)]  # rank-shifted: each rank reads a different peer first
+    out_base = me * (S // world) if scatter else 0
+    plan = _ReducePlan([], [], [], [], [], [])
+    offset = 0
+    for j, r in enumerate(rows):
+        lo, hi = r[me]
+        mine = hi - lo
+        slots = stage[offset:offset + sizes[j]].view(world, seg, mine, N)
+        offset += sizes[j]
+        plan.gemm_rows.append(list(r) if scatter else [(r[0][0], r[-1][1])])
+        plan.ready.append([ws.flag_addr(o, ready_index(me, j)) for o in peers])
+        plan.pulls.append([(q, ws.pull_streams[q].cuda_stream, ws.flag_addr(me, ready_index(q, j)),
+                            [(slots.data_ptr() + (q * seg + s) * mine * row_bytes,
+                              ws.data_ptr(q, epoch) + s * seg_bytes + lo * row_bytes, mine * row_bytes)
+                             for s in range(seg) if mine])
+                           for q in peers])
+        plan.reduce.append((partial.narrow(1, lo, mine), slots, lo - out_base, mine))
+        if scatter:
+            continue
+        plan.rdone.append([ws.flag_addr(o, rdone_index(me, j)) for o in peers])
+        plan.gathers.append([(ws.gather_streams[o].cuda_stream, ws.flag_addr(me, rdone_index(o, j)),
+                              [(s * seg_bytes + r[o][0] * row_bytes,
+                                ws.data_ptr(o, epoch) + s * seg_bytes + r[o][0] * row_bytes,
+                                (r[o][1] - r[o][0]) * row_bytes)
+                               for s in range(seg) if r[o][1] > r[o][0]])
+                             for o in peers])
+    return plan
+
+
 def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", defer_join: bool = False):
     """sum_i a_i @ b_i over the group: all-reduced [SEG, S, N], or with `scatter` this rank's sequence slice
     [SEG, S/W, N]. With `defer_join` the compute stream is free to run more work (a weight gradient) before
@@ -119,8 +169,7 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     if not a0.is_cuda:  # no peer memory: the same function, unfused
         return sequential_matmul_reduce(pairs, group, scatter=scatter, gemm=gemm)
     seg, S, N = a0.shape[0], a0.shape[1], b0.shape[1]
-    elem = a0.element_size()
-    ws = symm.workspace(group, a0.device, seg * S * N * elem)
+    ws = symm.workspace(group, a0.device, seg * S * N * a0.element_size())
     world, me = ws.world, ws.rank
     if scatter and S % world:
         raise ValueError(f"fused reduce-scatter: sequence {S} is not divisible by {world} ranks")
@@ -128,79 +177,62 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     partial = ws.data_view(me, epoch, (seg, S, N), a0.dtype)
     out = torch.empty((seg, S // world if scatter else S, N), dtype=a0.dtype, device=a0.device)
     pieces = chunks(S)
-    plan = [owner_rows(j, S, world, pieces, scatter) for j in range(pieces)]
-    compute = torch.cuda.current_stream(a0.device)
+    key = ("reduce", seg, S, N, a0.dtype, scatter, pieces, epoch % 2)
+    plan = ws.plans.get(key)
+    if plan is None:
+        plan = ws.plans[key] = _reduce_plan(ws, partial, S, N, scatter, pieces, epoch)
+    compute = torch.cuda.current_stream(a0.device).cuda_stream
+    side = [ws.reduce_stream] + [ws.pull_streams[q] for q in ws.pull_streams] + \
+        ([] if scatter else [ws.gather_streams[q] for q in ws.gather_streams])
     start = ws.events("start", 1)[0]
     start.record(compute)  # the side streams start here: after the inputs and the previous op's join
-    peers = [(me + i) % world for i in range(1, world)]  # rank-shifted: each rank reads a different peer first
+    for stream in side:
+        start.wait(stream.cuda_stream)
     # Phase 1, compute stream: every chunk's GEMM, each followed by its READY on every peer. All of a rank's
     # signals are issued before any of its waits, so no wait can sit in a hardware queue ahead of a signal that
     # some peer needs (CUDA maps streams onto a few queues: CUDA_DEVICE_MAX_CONNECTIONS).
     chunk_done = ws.events("chunk", pieces)
-    for j, rows in enumerate(plan):
-        if scatter:
-            for lo, hi in rows:
-                _gemm_rows(pairs, partial, lo, hi, gemm)
-        else:
-            _gemm_rows(pairs, partial, rows[0][0], rows[-1][1], gemm)
-        for o in peers:
-            cuda_driver.write_value(compute.cuda_stream, ws.flag_addr(o, ready_index(me, j)), epoch)
+    for j in range(pieces):
+        for lo, hi in plan.gemm_rows[j]:
+            _gemm_rows(pairs, partial, lo, hi, gemm)
+        for addr in plan.ready[j]:
+            cuda_driver.write_value(compute, addr, epoch)
         chunk_done[j].record(compute)
-    # Phase 2, side streams: per chunk, pull this rank's rows of every peer's partial into stage slots, reduce,
-    # and (all-reduce) let the peers pull the result. Stage slots for chunk j: W x [SEG, my rows in j, N].
-    sizes = [world * seg * (rows[me][1] - rows[me][0]) * N for rows in plan]
-    stage = ws.stage_view(sum(sizes) * elem)[:sum(sizes) * elem].view(a0.dtype)
-    side = [ws.reduce_stream] + [ws.pull_streams[q] for q in peers] + \
-        ([] if scatter else [ws.gather_streams[q] for q in peers])
-    seg_bytes, row_bytes = S * N * elem, N * elem
+    # Phase 2, side streams: per chunk, pull this rank's rows of every peer's partial into stage slots (one
+    # copy-engine stream per peer), reduce, and (all-reduce) let the peers pull the result.
     pulled = ws.events("pulled", world)
     reduce_stream = ws.reduce_stream
-    offset = 0
+    reducer = reduce_stream.cuda_stream
+    out_ptr = out.data_ptr()
     with torch.cuda.stream(reduce_stream):
-        for j, rows in enumerate(plan):
-            lo, hi = rows[me]
-            mine = hi - lo
-            slots = stage[offset:offset + sizes[j]].view(world, seg, mine, N)
-            offset += sizes[j]
-            reduce_stream.wait_event(chunk_done[j])
-            for q in peers:
-                pull = ws.pull_streams[q]
-                if j == 0:
-                    pull.wait_event(start)
-                cuda_driver.wait_value(pull.cuda_stream, ws.flag_addr(me, ready_index(q, j)), epoch)
-                src, dst = ws.data_ptr(q, epoch) + lo * row_bytes, slots.data_ptr() + q * seg * mine * row_bytes
-                for s in range(seg):
-                    cuda_driver.copy(pull.cuda_stream, dst + s * mine * row_bytes, src + s * seg_bytes,
-                                     mine * row_bytes)
-                pulled[q].record(pull)
-                reduce_stream.wait_event(pulled[q])
-            base = me * out.shape[1] if scatter else 0
-            reduce_slots(partial.narrow(1, lo, mine), slots, out.narrow(1, lo - base, mine), me,
-                         write_back=not scatter, block=TUNING.block)
+        for j in range(pieces):
+            chunk_done[j].wait(reducer)
+            for q, stream, flag, copies in plan.pulls[j]:
+                cuda_driver.wait_value(stream, flag, epoch)
+                for dst, src, nbytes in copies:
+                    cuda_driver.copy(stream, dst, src, nbytes)
+                pulled[q].record(stream)
+                pulled[q].wait(reducer)
+            own, slots, out_row, mine = plan.reduce[j]
+            reduce_slots(own, slots, out.narrow(1, out_row, mine), me, write_back=not scatter, block=TUNING.block)
             if scatter:
                 continue
-            for o in peers:
-                cuda_driver.write_value(reduce_stream.cuda_stream, ws.flag_addr(o, rdone_index(me, j)), epoch)
-            for o in peers:
-                gather = ws.gather_streams[o]
-                if j == 0:
-                    gather.wait_event(start)
-                o_lo, o_hi = rows[o]
-                cuda_driver.wait_value(gather.cuda_stream, ws.flag_addr(me, rdone_index(o, j)), epoch)
-                if o_hi > o_lo:
-                    dst, src = out[0, o_lo].data_ptr(), ws.data_ptr(o, epoch) + o_lo * row_bytes
-                    for s in range(seg):
-                        cuda_driver.copy(gather.cuda_stream, dst + s * seg_bytes, src + s * seg_bytes,
-                                         (o_hi - o_lo) * row_bytes)
+            for addr in plan.rdone[j]:
+                cuda_driver.write_value(reducer, addr, epoch)
+            for stream, flag, copies in plan.gathers[j]:
+                cuda_driver.wait_value(stream, flag, epoch)
+                for dst, src, nbytes in copies:
+                    cuda_driver.copy(stream, out_ptr + dst, src, nbytes)
     _finish(ws, side, keep=[out], defer_join=defer_join, pieces=pieces)
     return out
 
 
 def _finish(ws, side, keep, defer_join: bool, pieces: int = 1) -> None:
     """One event after every side stream's work: the compute stream's join point and the watchdog's marker."""
+    first = side[0].cuda_stream
     for stream, tail in zip(side[1:], ws.events("tail", len(side))):
-        tail.record(stream)
-        side[0].wait_event(tail)
+        tail.record(stream.cuda_stream)
+        tail.wait(first)
     done = torch.cuda.Event()
     done.record(side[0])
     epoch = ws.epoch
@@ -232,7 +264,10 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
     x_full[:, me * s_own:(me + 1) * s_own].copy_(x_shard)
     ys = [torch.empty((seg, world * s_own, b.shape[1]), dtype=x_shard.dtype, device=x_shard.device)
           for b in weights]
-    ws.copy_stream.wait_stream(compute)
+    handle, copy = compute.cuda_stream, ws.copy_stream.cuda_stream
+    start = ws.events("start", 1)[0]
+    start.record(handle)  # the shard is in the buffer and x_full allocated
+    start.wait(copy)
 
     def multiply(src):
         rows = slice(src * s_own, (src + 1) * s_own)
@@ -241,9 +276,8 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
                 _mm(x_full[s, rows], b, y[s, rows], False, gemm)
 
     multiply(me)
-    arrived = {}
+    arrived = ws.events("arrived", world)
     shard_bytes = s_own * K * elem
-    copy = ws.copy_stream.cuda_stream
     # Rank-shifted order: at step i every rank reads a different peer, spreading the links' load; one stream,
     # so the shard the GEMM needs next arrives first.
     for i in range(1, world):
@@ -252,12 +286,11 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
         for s in range(seg):
             cuda_driver.copy(copy, x_full[s, src * s_own].data_ptr() if s_own else 0,
                              ws.data_ptr(src, epoch) + s * shard_bytes, shard_bytes)
-        arrived[src] = torch.cuda.Event()
-        arrived[src].record(ws.copy_stream)
+        arrived[src].record(copy)
     x_full.record_stream(ws.copy_stream)
     for i in range(1, world):
         src = (me + i) % world
-        compute.wait_event(arrived[src])
+        arrived[src].wait(handle)
         multiply(src)
     _finish(ws, [ws.copy_stream], keep=[], defer_join=False)
     return x_full, ys

@@ -105,6 +105,7 @@ class Workspace:
         self.pending: Optional[torch.cuda.Event] = None
         self.keep: list = []  # tensors the side streams still write until `join`
         self._events: dict = {}
+        self.plans: dict = {}  # fused.py's per-shape address plans, keyed by shape, epoch parity and stage
         self.error: Optional[str] = None
 
     def _peer_views(self, total: int) -> list:
@@ -166,14 +167,16 @@ class Workspace:
         stream at the start of each op, which is after the previous op's reduction read it (join)."""
         if self.stage.numel() < nbytes:
             self.stage = torch.empty(-(-nbytes // 256) * 256, dtype=torch.uint8, device=self.device)
+            self.plans.clear()  # they hold addresses inside the old stage
         return self.stage
 
     def events(self, name: str, count: int) -> list:
-        """A reusable pool of CUDA events (creating events costs host time on every chunk). Re-recording one is
-        safe once its waits are enqueued: a stream waits for the record that preceded its wait call."""
+        """A reusable pool of driver events (`cuda_driver.Event`: ~1 us per record or wait, where creating a
+        torch event per chunk cost ~10 us). Re-recording one is safe once its waits are enqueued: a stream waits
+        for the record that preceded its wait call."""
         pool = self._events.setdefault(name, [])
         while len(pool) < count:
-            pool.append(torch.cuda.Event())
+            pool.append(cuda_driver.Event())
         return pool
 
     def defer_join(self, event: torch.cuda.Event, keep: list) -> None:

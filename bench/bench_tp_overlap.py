@@ -60,7 +60,12 @@ def timeit(fn, budget_ms=60.0, trials=5, label=""):
     fn()
     end.record()
     end.synchronize()
-    iters = max(3, min(50, int(budget_ms / max(start.elapsed_time(end), 1e-3))))
+    iters = torch.tensor([max(3, min(50, int(budget_ms / max(start.elapsed_time(end), 1e-3))))], device="cuda")
+    # Every rank must issue the same number of calls: each rank's count comes from its own timing, and a rank
+    # issuing one fused op more than its peers waits for signals that never come (the stalls of
+    # bench/results/fused_notes.md, cases over ~1.2 ms where 60 ms / time rounds differently per rank).
+    dist.all_reduce(iters, op=dist.ReduceOp.MIN)
+    iters = int(iters)
     times = []
     for _ in range(trials):
         dist.barrier()
