@@ -1,9 +1,15 @@
-"""The fused collectives' one kernel: the owner's fixed-order sum of W partial products.
+"""The fused collectives' one kernel: the owner's fixed-order sum of W partial products, read from every rank.
 
-By the time it runs, the copy engine has pulled every peer's partial of this rank's rows into local stage slots
-(`fused.matmul_reduce`), so the kernel reads local memory only and never waits: HBM bandwidth, not NVLink
-latency, and no SM held while a GEMM needs it. It sums the W partials in rank order 0..W-1 in fp32 and rounds
-once, so the result is the same bits on every rank and in every run (no atomics).
+`fused.matmul_reduce` launches it per chunk on a side stream, after stream waits saw every peer's READY for that
+chunk, so it never waits inside: each program loads its block of this rank's rows from the W ranks' symmetric
+buffers (peers over NVLink, through a table of their addresses), sums them in rank order 0..W-1 in fp32, rounds
+once, and stores the result back into all W buffers (all-reduce: each peer then copies it locally) or into the
+local output (reduce-scatter). Same bits on every rank and in every run (no atomics).
+
+Why SM loads and stores instead of the copy engine (bench/results/fused_notes.md, 4 x H200): copy-engine pulls
+of the peers' rows into a stage, a local reduction and copy-engine pulls of the result moved an 8192 x 4096
+bf16 all-reduce in ~0.5 ms, against 0.33 ms for NCCL; here the peers' rows are read once and the result written
+once, with enough programs in flight to fill the links, and no stage round trip.
 """
 
 from __future__ import annotations
@@ -12,49 +18,52 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["rank"])
-def reduce_slots_kernel(
+@triton.jit
+def reduce_peers_kernel(
     # pointers
-    own_ptr, slots_ptr, out_ptr,
-    # sizes (elements)
-    elems, rank,
+    table_ptr, out_ptr,
+    # sizes and offsets (elements)
+    offset, elems, out_offset,
     # strides (elements)
-    stride_own_seg, stride_slot, stride_slot_seg, stride_out_seg,
+    stride_seg, stride_out_seg,
     # meta-parameters
-    W: tl.constexpr, WRITE_BACK: tl.constexpr, BLOCK: tl.constexpr,
+    W: tl.constexpr, STORE_ALL: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """out[s, i] = sum over q = 0..W-1 of (own[s, i] if q == rank else slots[q, s, i]), fp32, in rank order.
-
-    Grid (cdiv(elems, BLOCK), segments); each segment is `elems` contiguous elements. With WRITE_BACK the sum also
-    overwrites own (the all-reduce's peers copy it from there).
-    """
+    """sum = sum over q = 0..W-1 of buf_q[s * stride_seg + offset + i], fp32, in rank order, where buf_q is the
+    address in table[q]. STORE_ALL: buf_q[same place] = sum for every q; else out[s * stride_out_seg +
+    out_offset + i] = sum. Grid (cdiv(elems, BLOCK), segments); each segment's `elems` elements are contiguous."""
     pid = tl.program_id(0)
     seg = tl.program_id(1).to(tl.int64)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < elems
+    at = seg * stride_seg + offset + offs
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for q in tl.static_range(W):
-        if q == rank:
-            part = tl.load(own_ptr + seg * stride_own_seg + offs, mask=mask, other=0.0)
-        else:
-            part = tl.load(slots_ptr + q * stride_slot + seg * stride_slot_seg + offs, mask=mask, other=0.0)
-        acc += part.to(tl.float32)
+        buf = tl.load(table_ptr + q).to(tl.pointer_type(out_ptr.dtype.element_ty))
+        acc += tl.load(buf + at, mask=mask, other=0.0).to(tl.float32)
     total = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + seg * stride_out_seg + offs, total, mask=mask)
-    if WRITE_BACK:
-        tl.store(own_ptr + seg * stride_own_seg + offs, total, mask=mask)
+    if STORE_ALL:
+        for q in tl.static_range(W):
+            buf = tl.load(table_ptr + q).to(tl.pointer_type(out_ptr.dtype.element_ty))
+            tl.store(buf + at, total, mask=mask)
+    else:
+        tl.store(out_ptr + seg * stride_out_seg + out_offset + offs, total, mask=mask)
 
 
-def reduce_slots(own, slots, out, rank: int, write_back: bool, block: int = 2048, warps: int = 8) -> None:
-    """own [SEG, R, N] (row-strided view), slots [W, SEG, R, N] contiguous, out [SEG, R, N] (row-strided view);
-    the rows of each segment are contiguous in all three."""
-    seg, rows, n = own.shape
-    elems = rows * n
-    for t in (own, out):
-        if t.stride(2) != 1 or t.stride(1) != n:
-            raise ValueError(f"reduce_slots: each segment's rows must be contiguous, got strides {t.stride()}")
+def reduce_peers(table, like, row_elems: int, rows: tuple, seg: int, seg_elems: int, out=None,
+                 out_row0: int = 0, block: int = 4096, warps: int = 8) -> None:
+    """Rows [lo, hi) of the W buffers in `table` (int64 addresses of [seg, S, N] buffers, `seg_elems` = S * N
+    per segment, `row_elems` = N): summed and stored back into every buffer, or, given `out` ([seg, R, N],
+    contiguous rows), stored at out rows [out_row0, out_row0 + hi - lo). `like` is a tensor of the data's dtype
+    (the kernel's store type when `out` is None)."""
+    lo, hi = rows
+    elems = (hi - lo) * row_elems
     if elems == 0:
         return
+    target = like if out is None else out
+    if out is not None and (out.stride(2) != 1 or out.stride(1) != row_elems):
+        raise ValueError(f"reduce_peers: the output's rows must be contiguous, got strides {out.stride()}")
     grid = (triton.cdiv(elems, block), seg)
-    reduce_slots_kernel[grid](own, slots, out, elems, rank, own.stride(0), slots.stride(0), slots.stride(1),
-                              out.stride(0), W=slots.shape[0], WRITE_BACK=write_back, BLOCK=block, num_warps=warps)
+    reduce_peers_kernel[grid](table, target, lo * row_elems, elems, out_row0 * row_elems, seg_elems,
+                              target.stride(0) if out is not None else 0, W=table.numel(), STORE_ALL=out is None,
+                              BLOCK=block, num_warps=warps)

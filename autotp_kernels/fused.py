@@ -8,21 +8,22 @@
                                               (sequence-parallel column layer forward, row layer backward)
 
 How the overlap works (nothing spins; ranks synchronise with stream waits, `cuda_driver`):
-  all-reduce       The GEMM runs on the compute stream in J chunks of rows; chunk j's rows are split among the
-                   W ranks. After chunk j, a stream write raises READY(me, j) on every peer. Rank o, for each peer
-                   q on its own stream, waits for READY(q, j) and pulls q's partial of o's rows with the copy
-                   engine into a local stage slot; a reduction kernel (local memory only) sums the W partials in
-                   rank order in fp32 and writes the result in place; RDONE(o, j) tells the peers, which pull the
-                   reduced rows into their output, again one copy-engine stream per peer.
-  reduce-scatter   The same without the last phase; rank o's rows are its sequence shard, chunk j being piece j
-                   of every shard.
+  all-reduce       The GEMM runs on the compute stream in J chunks of rows into this rank's symmetric buffer;
+                   chunk j's rows are split among the W ranks. After chunk j, a stream write raises READY(me, j) on
+                   every peer. On a side stream each rank waits for every peer's READY(q, j), then one kernel
+                   (`comm_kernels.reduce_peers`) reads its rows of chunk j from all W buffers (peers over NVLink),
+                   sums them in rank order in fp32 and stores the sum back into all W buffers; RDONE(me, j) tells
+                   the peers. A collect stream waits for every owner's RDONE(o, j) and copies the chunk's rows
+                   from the local buffer into the output.
+  reduce-scatter   The same reduction, stored into the local output only, no RDONE; rank o's rows are its
+                   sequence shard, chunk j being piece j of every shard.
   all-gather+GEMM  Every rank puts its shard in its buffer and raises XREADY; the copy engine pulls peer shards in
                    rank-shifted order while the GEMM multiplies the shards already here.
-Concurrency contract: an op's side streams (pull, reduce, gather, copy) start after everything the compute
-stream had queued when the op was called, and the compute stream waits for them at `join` (the end of the op,
-or with `defer_join` the next fused op or `join(group)`). Every op is watched: one that outlives
-`TUNING.timeout_s` releases its waits and turns into FusedCommError (`watchdog`). Activations are [SEG, S, K]
-(batch, sequence, features); 2-D inputs are one segment.
+Concurrency contract: an op's side streams (reduce, collect, copy) start after everything the compute stream had
+queued when the op was called, and the compute stream waits for them at `join` (the end of the op, or with
+`defer_join` the next fused op or `join(group)`). Every op is watched: one that outlives `TUNING.timeout_s`
+releases its waits and turns into FusedCommError (`watchdog`). Activations are [SEG, S, K] (batch, sequence,
+features); 2-D inputs are one segment.
 
 `sequential_*` are the cuBLAS-then-NCCL paths: the fallback below `TUNING.min_bytes` and the reference in tests
 and benchmarks.
@@ -37,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import cuda_driver, symm
-from .comm_kernels import reduce_slots
+from .comm_kernels import reduce_peers
 from .gemm import matmul
 from .symm import MAX_CHUNKS, rdone_index, ready_index, shard_index
 from .watchdog import WATCHDOG
@@ -48,8 +49,9 @@ class FusedTuning:
     chunk_rows: int = int(os.environ.get("AUTOTP_FUSED_CHUNK_ROWS", "2048"))
     """Target rows per GEMM chunk (all ranks' rows together): smaller chunks shorten the exposed tail, larger ones
     keep the GEMM efficient and cost less host time (~30 launches and stream operations per chunk at W=4)."""
-    block: int = 2048
-    """Elements per program of the reduction kernel."""
+    block: int = 4096
+    """Elements per program of the reduction kernel (8 KB of bf16 per rank read: ~1,000 programs per 2048-row
+    chunk of a 4096-wide output at W=4, enough loads in flight to fill the NVLink links)."""
     min_bytes: int = int(os.environ.get("AUTOTP_FUSED_MIN_BYTES", str(1 << 62)))
     """`kernels: auto` fuses (with cuBLAS chunks) when the collective moves at least this many bytes; below,
     cuBLAS then NCCL. Set from bench/bench_tp_overlap.py's measurements (bench/results/README.md); by default
@@ -113,50 +115,38 @@ def _check_pairs(pairs):
 @dataclass
 class _ReducePlan:
     """What one (shape, epoch parity) of `matmul_reduce` issues, precomputed: row ranges, flag and copy
-    addresses, views of the stage slots and of this rank's partial. Built on the first call of a shape and
-    reused, so a call's host time is the driver calls themselves (bench/results/fused_notes.md: building
-    these per call cost more host time than the GPU time of a chunk)."""
-    gemm_rows: list   # [chunk] -> [(lo, hi)] rows of the partial product the compute stream writes
-    ready: list       # [chunk] -> flag addresses on the peers: READY(me, j)
-    pulls: list       # [chunk] -> [(peer, stream, flag address to wait on, [(dst, src, bytes)])]
-    reduce: list      # [chunk] -> (own rows view, stage slots view, first out row, rows)
-    rdone: list       # [chunk] -> flag addresses on the peers: RDONE(me, j)
-    gathers: list     # [chunk] -> [(stream, flag address to wait on, [(dst offset in out, src, bytes)])]
+    addresses and the table of the W ranks' buffer addresses. Built on the first call of a shape and reused, so
+    a call's host time is the launches and driver calls themselves."""
+    table: torch.Tensor  # int64 [W]: every rank's partial-product buffer of this parity (peers' are mapped)
+    gemm_rows: list      # [chunk] -> [(lo, hi)] rows of the partial product the compute stream writes
+    ready: list          # [chunk] -> flag addresses on the peers: READY(me, j)
+    ready_waits: list    # [chunk] -> flag addresses here: READY(q, j) of every peer
+    mine: list           # [chunk] -> (lo, hi): the rows this rank reduces
+    rdone: list          # [chunk] -> flag addresses on the peers: RDONE(me, j)       (all-reduce only)
+    rdone_waits: list    # [chunk] -> flag addresses here: RDONE(o, j) of every peer  (all-reduce only)
+    collect: list        # [chunk] -> [(dst offset in out, src, bytes)]: the chunk's reduced rows, local copy
 
 
 def _reduce_plan(ws, partial, S: int, N: int, scatter: bool, pieces: int, epoch: int) -> _ReducePlan:
     world, me = ws.world, ws.rank
     seg, elem = partial.shape[0], partial.element_size()
     seg_bytes, row_bytes = S * N * elem, N * elem
-    rows = [owner_rows(j, S, world, pieces, scatter) for j in range(pieces)]
-    sizes = [world * seg * (r[me][1] - r[me][0]) * N for r in rows]
-    stage = ws.stage_view(sum(sizes) * elem)[:sum(sizes) * elem].view(partial.dtype)
-    peers = [(me + i) % world for i in range(1, world)]  # rank-shifted: each rank reads a different peer first
-    out_base = me * (S // world) if scatter else 0
-    plan = _ReducePlan([], [], [], [], [], [])
-    offset = 0
-    for j, r in enumerate(rows):
-        lo, hi = r[me]
-        mine = hi - lo
-        slots = stage[offset:offset + sizes[j]].view(world, seg, mine, N)
-        offset += sizes[j]
+    peers = [(me + i) % world for i in range(1, world)]
+    table = torch.tensor([ws.data_ptr(q, epoch) for q in range(world)], dtype=torch.int64, device=partial.device)
+    plan = _ReducePlan(table, [], [], [], [], [], [], [])
+    for j in range(pieces):
+        r = owner_rows(j, S, world, pieces, scatter)
         plan.gemm_rows.append(list(r) if scatter else [(r[0][0], r[-1][1])])
         plan.ready.append([ws.flag_addr(o, ready_index(me, j)) for o in peers])
-        plan.pulls.append([(q, ws.pull_streams[q].cuda_stream, ws.flag_addr(me, ready_index(q, j)),
-                            [(slots.data_ptr() + (q * seg + s) * mine * row_bytes,
-                              ws.data_ptr(q, epoch) + s * seg_bytes + lo * row_bytes, mine * row_bytes)
-                             for s in range(seg) if mine])
-                           for q in peers])
-        plan.reduce.append((partial.narrow(1, lo, mine), slots, lo - out_base, mine))
+        plan.ready_waits.append([ws.flag_addr(me, ready_index(q, j)) for q in peers])
+        plan.mine.append(r[me])
         if scatter:
             continue
         plan.rdone.append([ws.flag_addr(o, rdone_index(me, j)) for o in peers])
-        plan.gathers.append([(ws.gather_streams[o].cuda_stream, ws.flag_addr(me, rdone_index(o, j)),
-                              [(s * seg_bytes + r[o][0] * row_bytes,
-                                ws.data_ptr(o, epoch) + s * seg_bytes + r[o][0] * row_bytes,
-                                (r[o][1] - r[o][0]) * row_bytes)
-                               for s in range(seg) if r[o][1] > r[o][0]])
-                             for o in peers])
+        plan.rdone_waits.append([ws.flag_addr(me, rdone_index(o, j)) for o in peers])
+        lo, hi = r[0][0], r[-1][1]
+        plan.collect.append([(s * seg_bytes + lo * row_bytes, ws.data_ptr(me, epoch) + s * seg_bytes + lo * row_bytes,
+                              (hi - lo) * row_bytes) for s in range(seg) if hi > lo])
     return plan
 
 
@@ -182,12 +172,12 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     if plan is None:
         plan = ws.plans[key] = _reduce_plan(ws, partial, S, N, scatter, pieces, epoch)
     compute = torch.cuda.current_stream(a0.device).cuda_stream
-    side = [ws.reduce_stream] + [ws.pull_streams[q] for q in ws.pull_streams] + \
-        ([] if scatter else [ws.gather_streams[q] for q in ws.gather_streams])
+    reducer, collector = ws.reduce_stream.cuda_stream, ws.collect_stream.cuda_stream
     start = ws.events("start", 1)[0]
     start.record(compute)  # the side streams start here: after the inputs and the previous op's join
-    for stream in side:
-        start.wait(stream.cuda_stream)
+    start.wait(reducer)
+    if not scatter:
+        start.wait(collector)
     # Phase 1, compute stream: every chunk's GEMM, each followed by its READY on every peer. All of a rank's
     # signals are issued before any of its waits, so no wait can sit in a hardware queue ahead of a signal that
     # some peer needs (CUDA maps streams onto a few queues: CUDA_DEVICE_MAX_CONNECTIONS).
@@ -198,31 +188,34 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
         for addr in plan.ready[j]:
             cuda_driver.write_value(compute, addr, epoch)
         chunk_done[j].record(compute)
-    # Phase 2, side streams: per chunk, pull this rank's rows of every peer's partial into stage slots (one
-    # copy-engine stream per peer), reduce, and (all-reduce) let the peers pull the result.
-    pulled = ws.events("pulled", world)
-    reduce_stream = ws.reduce_stream
-    reducer = reduce_stream.cuda_stream
-    out_ptr = out.data_ptr()
-    with torch.cuda.stream(reduce_stream):
+    # Phase 2, per chunk: once every peer's READY is here, reduce this rank's rows from all W buffers (the
+    # kernel reads the peers over NVLink) and, for an all-reduce, store the sum back into all W buffers and raise
+    # RDONE; the collect stream copies the chunk's rows, reduced by their W owners, into the output locally.
+    reduced = ws.events("reduced", pieces)
+    seg_elems = S * N
+    with torch.cuda.stream(ws.reduce_stream):
         for j in range(pieces):
             chunk_done[j].wait(reducer)
-            for q, stream, flag, copies in plan.pulls[j]:
-                cuda_driver.wait_value(stream, flag, epoch)
-                for dst, src, nbytes in copies:
-                    cuda_driver.copy(stream, dst, src, nbytes)
-                pulled[q].record(stream)
-                pulled[q].wait(reducer)
-            own, slots, out_row, mine = plan.reduce[j]
-            reduce_slots(own, slots, out.narrow(1, out_row, mine), me, write_back=not scatter, block=TUNING.block)
+            for flag in plan.ready_waits[j]:
+                cuda_driver.wait_value(reducer, flag, epoch)
             if scatter:
+                lo = plan.mine[j][0]
+                reduce_peers(plan.table, partial, N, plan.mine[j], seg, seg_elems, out=out,
+                             out_row0=lo - me * (S // world), block=TUNING.block)
                 continue
+            reduce_peers(plan.table, partial, N, plan.mine[j], seg, seg_elems, block=TUNING.block)
             for addr in plan.rdone[j]:
                 cuda_driver.write_value(reducer, addr, epoch)
-            for stream, flag, copies in plan.gathers[j]:
-                cuda_driver.wait_value(stream, flag, epoch)
-                for dst, src, nbytes in copies:
-                    cuda_driver.copy(stream, out_ptr + dst, src, nbytes)
+            reduced[j].record(reducer)
+    if not scatter:
+        out_ptr = out.data_ptr()
+        for j in range(pieces):
+            reduced[j].wait(collector)
+            for flag in plan.rdone_waits[j]:
+                cuda_driver.wait_value(collector, flag, epoch)
+            for dst, src, nbytes in plan.collect[j]:
+                cuda_driver.copy(collector, out_ptr + dst, src, nbytes)
+    side = [ws.reduce_stream] + ([] if scatter else [ws.collect_stream])
     _finish(ws, side, keep=[out], defer_join=defer_join, pieces=pieces)
     return out
 

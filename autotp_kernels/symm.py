@@ -92,20 +92,16 @@ class Workspace:
                      for i in range(2)]
         self.data_ptrs = [[d.data_ptr() for d in self.data[i]] for i in range(2)]
         self.epoch = 0
-        # One pull stream per peer for the reduce phase and one for the gather phase, so the copy engines read
-        # all peers at once (one stream would serialise them); high priority so the reduction's small kernels
-        # start ahead of the GEMM's next tiles.
-        peers_q = [q for q in range(self.world) if q != self.rank]
-        self.pull_streams = {q: torch.cuda.Stream(device=device, priority=-1) for q in peers_q}
-        self.gather_streams = {q: torch.cuda.Stream(device=device, priority=-1) for q in peers_q}
+        # High priority: the reduction's programs start ahead of the GEMM's next tiles, so chunk j's sum runs
+        # under chunk j+1's GEMM instead of after the whole GEMM.
         self.reduce_stream = torch.cuda.Stream(device=device, priority=-1)
+        self.collect_stream = torch.cuda.Stream(device=device, priority=-1)
         self.copy_stream = torch.cuda.Stream(device=device, priority=-1)
         self.rescue_stream = torch.cuda.Stream(device=device)
-        self.stage = torch.empty(0, dtype=torch.uint8, device=device)
         self.pending: Optional[torch.cuda.Event] = None
         self.keep: list = []  # tensors the side streams still write until `join`
         self._events: dict = {}
-        self.plans: dict = {}  # fused.py's per-shape address plans, keyed by shape, epoch parity and stage
+        self.plans: dict = {}  # fused.py's per-shape address plans, keyed by shape and epoch parity
         self.error: Optional[str] = None
 
     def _peer_views(self, total: int) -> list:
@@ -161,14 +157,6 @@ class Workspace:
 
     def data_ptr(self, rank: int, epoch: int) -> int:
         return self.data_ptrs[epoch % 2][rank]
-
-    def stage_view(self, nbytes: int) -> torch.Tensor:
-        """Local staging for peers' partial sums, reused by every op: the pull streams wait for the compute
-        stream at the start of each op, which is after the previous op's reduction read it (join)."""
-        if self.stage.numel() < nbytes:
-            self.stage = torch.empty(-(-nbytes // 256) * 256, dtype=torch.uint8, device=self.device)
-            self.plans.clear()  # they hold addresses inside the old stage
-        return self.stage
 
     def events(self, name: str, count: int) -> list:
         """A reusable pool of driver events (`cuda_driver.Event`: ~1 us per record or wait, where creating a

@@ -196,6 +196,38 @@ def sweep(group, out_dir, dtype):
               + f" best {best}", flush=True)
 
 
+def host_profile(group, out_dir, dtype):
+    """Where a fused op's host time goes (the fused all-reduce was host-bound at ~150 us per chunk): cProfile
+    over 20 calls of the headline all-reduce and of an all-gather + GEMM, top functions by own time (rank 0)."""
+    import cProfile
+    import io
+    import pstats
+
+    world = dist.get_world_size()
+    a = torch.randn(1, 8192, 14336 // world, device="cuda").to(dtype)
+    b = torch.randn(14336 // world, 4096, device="cuda").to(dtype) * 0.05
+    x = torch.randn(1, 8192 // world, 4096, device="cuda").to(dtype)
+    w = torch.randn(4096, 6144 // world, device="cuda").to(dtype)
+    report = io.StringIO()
+    for label, fn in (("matmul_reduce 8192x3584x4096", lambda: fused.matmul_reduce([(a, b)], group)),
+                      ("all_gather_matmul 8192x4096x1536", lambda: fused.all_gather_matmul(x, [w], group))):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(20):
+            fn()
+        profiler.disable()
+        torch.cuda.synchronize()
+        report.write(f"== {label}: 20 calls, world {world}, chunk_rows {fused.TUNING.chunk_rows}\n")
+        pstats.Stats(profiler, stream=report).sort_stats("tottime").print_stats(18)
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, f"tp_overlap_host_w{world}.txt"), "w") as f:
+            f.write(report.getvalue())
+        print("\n".join(line for line in report.getvalue().splitlines() if line.strip())[:6000], flush=True)
+
+
 def _write(path, rows):
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -208,6 +240,7 @@ def main():
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--gemm-check", action="store_true")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--host-profile", action="store_true")
     parser.add_argument("--models", default="llama3-8b,llama3-70b")
     parser.add_argument("--tokens", default="4096,8192,16384")
     args = parser.parse_args()
@@ -218,6 +251,8 @@ def main():
     meta = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), world=world,
                 torch=torch.__version__, triton=triton.__version__,
                 nccl=".".join(map(str, torch.cuda.nccl.version())))
+    if args.host_profile:
+        host_profile(group, args.out, dtype)
     if args.sweep:
         sweep(group, args.out, dtype)
     cases = []

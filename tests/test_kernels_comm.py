@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("triton")
 
 from autotp_kernels import symm  # noqa: E402
-from autotp_kernels.comm_kernels import reduce_slots  # noqa: E402
+from autotp_kernels.comm_kernels import reduce_peers  # noqa: E402
 from autotp_kernels.fused import MAX_CHUNKS, chunks, owner_rows  # noqa: E402
 from autotp_kernels.watchdog import Watchdog  # noqa: E402
 
@@ -28,29 +28,33 @@ def _rank_ordered_sum(parts):
 @pytest.mark.parametrize("world,seg,S,lo,hi,N", [(2, 1, 8, 2, 6, 5), (4, 2, 12, 3, 7, 33), (3, 1, 130, 5, 128, 123),
                                                  (8, 3, 9, 0, 9, 4), (4, 1, 6, 2, 2, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("write_back", [True, False])
-def test_reduce_slots_is_the_rank_ordered_sum_for_every_owner(world, seg, S, lo, hi, N, dtype, write_back):
+@pytest.mark.parametrize("store_all", [True, False])
+def test_reduce_peers_is_the_rank_ordered_sum_of_every_buffer(world, seg, S, lo, hi, N, dtype, store_all):
+    """The W buffers are reached through the address table, as on the GPU (there, peers' mapped buffers)."""
     gen = torch.Generator().manual_seed(world * 100 + N)
     partials = [torch.randn(seg, S, N, generator=gen).to(dtype) for _ in range(world)]  # each rank's product
     expected = _rank_ordered_sum([p[:, lo:hi] for p in partials])
-    for me in range(world):
-        own = partials[me].clone()
-        slots = torch.full((world, seg, hi - lo, N), float("nan"), dtype=dtype)  # my own slot is never read
-        for q in range(world):
-            if q != me:
-                slots[q] = partials[q][:, lo:hi]
-        out = torch.full((seg, S, N), float("nan"), dtype=dtype)
-        reduce_slots(own[:, lo:hi], slots, out[:, lo:hi], me, write_back=write_back, block=16)
-        assert torch.equal(out[:, lo:hi], expected), f"rank {me}"
-        assert out[:, :lo].isnan().all() and out[:, hi:].isnan().all()  # nothing outside the owner's rows
-        assert torch.equal(own[:, lo:hi], expected if write_back else partials[me][:, lo:hi])
-        assert torch.equal(own[:, :lo], partials[me][:, :lo]) and torch.equal(own[:, hi:], partials[me][:, hi:])
+    buffers = [p.clone() for p in partials]
+    table = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
+    out_rows = S + 3  # the output is larger than the chunk: the rows land at out_row0
+    out = torch.full((seg, out_rows, N), float("nan"), dtype=dtype)
+    reduce_peers(table, buffers[0], N, (lo, hi), seg, S * N, out=None if store_all else out, out_row0=2, block=16)
+    for q in range(world):
+        want = expected if store_all else partials[q][:, lo:hi]
+        assert torch.equal(buffers[q][:, lo:hi], want), f"buffer {q}"
+        assert torch.equal(buffers[q][:, :lo], partials[q][:, :lo])  # nothing outside the owner's rows
+        assert torch.equal(buffers[q][:, hi:], partials[q][:, hi:])
+    if store_all:
+        assert out.isnan().all()
+    else:
+        assert torch.equal(out[:, 2:2 + hi - lo], expected)
+        assert out[:, :2].isnan().all() and out[:, 2 + hi - lo:].isnan().all()
 
 
-def test_reduce_slots_rejects_rows_that_are_not_contiguous():
-    own = torch.zeros(1, 4, 6)[:, :, :3]
+def test_reduce_peers_rejects_an_output_whose_rows_are_not_contiguous():
+    table = torch.tensor([torch.zeros(1).data_ptr()], dtype=torch.int64)
     with pytest.raises(ValueError, match="contiguous"):
-        reduce_slots(own, torch.zeros(2, 1, 4, 3), torch.zeros(1, 4, 3), 0, write_back=False)
+        reduce_peers(table, torch.zeros(1, 4, 3), 3, (0, 4), 1, 12, out=torch.zeros(1, 4, 6)[:, :, :3])
 
 
 @pytest.mark.parametrize("S,world,chunk_rows", [(8192, 4, 2048), (4096, 2, 1024), (100, 3, 7), (7, 4, 2048),

@@ -1,9 +1,10 @@
 """The fused all-reduce / reduce-scatter's address plan (`fused._reduce_plan`), executed on the CPU.
 
-On the GPU the plan's copies are copy-engine transfers between ranks' symmetric buffers, ordered by flag words.
-Here W simulated ranks share one process: their buffers are CPU tensors, each copy is a memmove between the real
-addresses the plan computed, and chunks run in the order the flags enforce (pulls after every GEMM, gathers after
-every owner's reduction). Every rank must end with the exact rank-ordered sum (all-reduce) or its own sequence
+On the GPU each rank's reduction kernel reaches the W ranks' symmetric buffers through the plan's address table
+and the collect copies are local copy-engine transfers, ordered by flag words. Here W simulated ranks share one
+process: their buffers are CPU tensors, the kernel runs under TRITON_INTERPRET=1 over the same table, each copy
+is a memmove between the real addresses the plan computed, and chunks run in the order the flags enforce
+(reductions after every GEMM, collects after every owner's reduction). Every rank must end with the exact rank-ordered sum (all-reduce) or its own sequence
 slice of it (reduce-scatter), and every flag a rank waits for must be one a peer writes. No tolerance: the
 reduction sums in fp32 in rank order on every path, so the bits are fixed.
 """
@@ -11,7 +12,6 @@ reduction sums in fp32 in rank order on every path, so the bits are fixed.
 from __future__ import annotations
 
 import ctypes
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("triton")
 
 from autotp_kernels import fused  # noqa: E402
-from autotp_kernels.comm_kernels import reduce_slots  # noqa: E402
+from autotp_kernels.comm_kernels import reduce_peers  # noqa: E402
 from autotp_kernels.symm import rdone_index, ready_index  # noqa: E402
 
 
@@ -28,14 +28,6 @@ class _FakeWorkspace:
 
     def __init__(self, world, rank, buffers):
         self.world, self.rank, self.buffers = world, rank, buffers
-        self.pull_streams = {q: SimpleNamespace(cuda_stream=1000 + q) for q in range(world) if q != rank}
-        self.gather_streams = {q: SimpleNamespace(cuda_stream=2000 + q) for q in range(world) if q != rank}
-        self.stage = torch.empty(0, dtype=torch.uint8)
-
-    def stage_view(self, nbytes):
-        if self.stage.numel() < nbytes:
-            self.stage = torch.full((nbytes,), 0xFF, dtype=torch.uint8)  # NaN bytes: a slot never filled shows
-        return self.stage
 
     def flag_addr(self, rank, index):
         return rank * 1_000_000 + index
@@ -48,35 +40,27 @@ def _run(world, seg, S, K, N, chunk_rows, scatter, dtype, epoch, monkeypatch):
     monkeypatch.setattr(fused.TUNING, "chunk_rows", chunk_rows)
     gen = torch.Generator().manual_seed(world * 1000 + S)
     nbytes = seg * S * N * dtype.itemsize
-    # Both parities' buffers are filled with garbage: the plan must read only the current epoch's.
+    # Both parities' buffers start as garbage (0xFF bytes are NaN): the plan must use only the current epoch's.
     buffers = [[torch.full((nbytes,), 0xFF, dtype=torch.uint8) for _ in range(world)] for _ in range(2)]
-    workspaces = [_FakeWorkspace(world, r, buffers) for r in range(world)]
-    partials = []
-    for r in range(world):
-        partial = buffers[epoch % 2][r].view(dtype).view(seg, S, N)
-        partial.copy_(torch.randn(seg, S, K, generator=gen) @ torch.randn(K, N, generator=gen))
-        partials.append(partial.clone())
+    views = [b.view(dtype).view(seg, S, N) for b in buffers[epoch % 2]]
     total = torch.zeros(seg, S, N)
-    for p in partials:  # rank order, fp32, rounded once: the kernel's promise
-        total += p.float()
+    for view in views:  # each rank's GEMM; the sum in rank order, fp32, rounded once: the kernel's promise
+        view.copy_(torch.randn(seg, S, K, generator=gen) @ torch.randn(K, N, generator=gen))
+        total += view.float()
     total = total.to(dtype)
     pieces = fused.chunks(S)
-    plans = [fused._reduce_plan(workspaces[r], buffers[epoch % 2][r].view(dtype).view(seg, S, N), S, N, scatter,
-                                pieces, epoch) for r in range(world)]
+    plans = [fused._reduce_plan(_FakeWorkspace(world, r, buffers), views[r], S, N, scatter, pieces, epoch)
+             for r in range(world)]
     outs = [torch.full((seg, S // world if scatter else S, N), float("nan"), dtype=dtype) for _ in range(world)]
     for j in range(pieces):  # the order the flags enforce
-        for plan in plans:
-            for _, _, _, copies in plan.pulls[j]:
-                for dst, src, size in copies:
-                    ctypes.memmove(dst, src, size)
         for r, plan in enumerate(plans):
-            own, slots, out_row, mine = plan.reduce[j]
-            reduce_slots(own, slots, outs[r].narrow(1, out_row, mine), r, write_back=not scatter, block=64)
+            out_row0 = plan.mine[j][0] - r * (S // world)
+            reduce_peers(plan.table, views[r], N, plan.mine[j], seg, S * N, out=outs[r] if scatter else None,
+                         out_row0=out_row0, block=64)
         if not scatter:
             for r, plan in enumerate(plans):
-                for _, _, copies in plan.gathers[j]:
-                    for dst, src, size in copies:
-                        ctypes.memmove(outs[r].data_ptr() + dst, src, size)
+                for dst, src, size in plan.collect[j]:
+                    ctypes.memmove(outs[r].data_ptr() + dst, src, size)
     return plans, outs, total, pieces
 
 
@@ -103,11 +87,11 @@ def test_every_awaited_flag_is_written_by_the_peer_it_names(scatter, monkeypatch
     addr = _FakeWorkspace(world, 0, None).flag_addr
     for j in range(pieces):
         written = sorted(a for plan in plans for a in plan.ready[j])
-        awaited = sorted(flag for plan in plans for _, _, flag, _ in plan.pulls[j])
+        awaited = sorted(a for plan in plans for a in plan.ready_waits[j])
         assert written == awaited == sorted(addr(o, ready_index(q, j)) for o in range(world) for q in range(world)
                                             if q != o)
         if not scatter:
             written = sorted(a for plan in plans for a in plan.rdone[j])
-            awaited = sorted(flag for plan in plans for _, flag, _ in plan.gathers[j])
+            awaited = sorted(a for plan in plans for a in plan.rdone_waits[j])
             assert written == awaited == sorted(addr(o, rdone_index(q, j)) for o in range(world)
                                                 for q in range(world) if q != o)
