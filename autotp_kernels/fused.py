@@ -59,11 +59,18 @@ class FusedTuning:
     emulate: bool = os.environ.get("AUTOTP_FUSED_EMULATE") == "1"
     """Let the TP layers take their fused code paths without CUDA peer memory: the ops then run cuBLAS (or CPU
     BLAS) then NCCL (or gloo). For debugging and for CPU tests of the layers' wiring."""
+    sm_carveout: int = int(os.environ.get("AUTOTP_FUSED_SM_CARVEOUT", "16"))
+    """SMs that cuBLAS leaves free during chunks 1..J-1 of a fused all-reduce / reduce-scatter, for the
+    reduction of the previous chunk (torch's `_set_sm_carveout_experimental`; H200 has 132). Without it a
+    persistent cuBLAS GEMM holds every SM until it ends and the reduction only runs between chunks: at 4 GPUs the
+    8192 x 3584 x 4096 op took GEMM + reduction (0.75 ms) in any chunking (bench/results/fused_notes.md). The
+    Triton GEMM launches a grid of tiles, so the reduction's high-priority programs interleave without it."""
     timeout_s: float = float(os.environ.get("AUTOTP_FUSED_TIMEOUT_S", "300"))
     """An op not complete this long after it was issued releases its waits and raises FusedCommError."""
 
 
 TUNING = FusedTuning()
+_CAN_CARVE_OUT = hasattr(torch._C, "_set_sm_carveout_experimental")
 
 
 def _mm(a, b, out, accumulate: bool, gemm: str):
@@ -182,12 +189,20 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     # signals are issued before any of its waits, so no wait can sit in a hardware queue ahead of a signal that
     # some peer needs (CUDA maps streams onto a few queues: CUDA_DEVICE_MAX_CONNECTIONS).
     chunk_done = ws.events("chunk", pieces)
-    for j in range(pieces):
-        for lo, hi in plan.gemm_rows[j]:
-            _gemm_rows(pairs, partial, lo, hi, gemm)
-        for addr in plan.ready[j]:
-            cuda_driver.write_value(compute, addr, epoch)
-        chunk_done[j].record(compute)
+    carveout = TUNING.sm_carveout if gemm == "cublas" and pieces > 1 and _CAN_CARVE_OUT else 0
+    before = torch._C._get_sm_carveout_experimental() if carveout else None
+    try:
+        for j in range(pieces):
+            if j == 1 and carveout:  # chunk 0 has no reduction to share the GPU with
+                torch._C._set_sm_carveout_experimental(carveout)
+            for lo, hi in plan.gemm_rows[j]:
+                _gemm_rows(pairs, partial, lo, hi, gemm)
+            for addr in plan.ready[j]:
+                cuda_driver.write_value(compute, addr, epoch)
+            chunk_done[j].record(compute)
+    finally:
+        if carveout:
+            torch._C._set_sm_carveout_experimental(before)
     # Phase 2, per chunk: once every peer's READY is here, reduce this rank's rows from all W buffers (the
     # kernel reads the peers over NVLink) and, for an all-reduce, store the sum back into all W buffers and raise
     # RDONE; the collect stream copies the chunk's rows, reduced by their W owners, into the output locally.

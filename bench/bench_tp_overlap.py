@@ -176,24 +176,31 @@ def gemm_check(out_dir, dtype):
 
 
 def sweep(group, out_dir, dtype):
-    """Chunk rows on the headline case (8B down, M=8192, AR): fewer chunks cost less host time and GEMM
-    efficiency, more chunks shorten the exposed tail."""
+    """Chunk rows x cuBLAS SM carveout on the headline case (8B down, M=8192, AR): fewer chunks cost less host
+    time and GEMM efficiency, more chunks shorten the exposed tail; the carveout trades GEMM SMs for overlap.
+    The Triton GEMM (no carveout: its tiles interleave with the reduction) is timed at each chunk size too."""
     world = dist.get_world_size()
     k, n = 14336 // world, 4096
     rows = []
-    saved = fused.TUNING.chunk_rows
+    saved = (fused.TUNING.chunk_rows, fused.TUNING.sm_carveout)
     a = torch.randn(1, 8192, k, device="cuda").to(dtype)
     b = torch.randn(k, n, device="cuda").to(dtype) * 0.05
-    for chunk_rows in (512, 1024, 2048, 4096, 8192):
+    for chunk_rows in (1024, 2048, 4096, 8192):
         fused.TUNING.chunk_rows = chunk_rows
-        t = timeit(lambda: fused.matmul_reduce([(a, b)], group), label=f"sweep {chunk_rows}")
-        rows.append(dict(world=world, chunk_rows=chunk_rows, fused_ms=round(t, 4), host_ms=round(HOST_MS["last"], 4)))
-    fused.TUNING.chunk_rows = saved
+        for gemm, carveout in (("cublas", 0), ("cublas", 16), ("cublas", 32), ("triton", 0)):
+            if chunk_rows == 8192 and carveout:
+                continue  # one chunk: no carveout applies
+            fused.TUNING.sm_carveout = carveout
+            t = timeit(lambda: fused.matmul_reduce([(a, b)], group, gemm=gemm),  # noqa: B023 - timed at once
+                       label=f"sweep {chunk_rows} {gemm} {carveout}")
+            rows.append({"world": world, "chunk_rows": chunk_rows, "gemm": gemm, "sm_carveout": carveout,
+                         "fused_ms": round(t, 4), "host_ms": round(HOST_MS["last"], 4)})
+    fused.TUNING.chunk_rows, fused.TUNING.sm_carveout = saved
     if dist.get_rank() == 0:
         _write(os.path.join(out_dir, f"tp_overlap_sweep_w{world}.csv"), rows)
         best = min(rows, key=lambda r: r["fused_ms"])
-        print("SWEEP " + " ".join(f"{r['chunk_rows']}={r['fused_ms']}(host {r['host_ms']})" for r in rows)
-              + f" best {best}", flush=True)
+        print("SWEEP " + " ".join(f"{r['chunk_rows']}/{r['gemm'][0]}{r['sm_carveout']}={r['fused_ms']}"
+                                  f"(h{r['host_ms']})" for r in rows) + f" best {best}", flush=True)
 
 
 def host_profile(group, out_dir, dtype):
@@ -285,7 +292,8 @@ def main():
         if dist.get_rank() == 0:
             print(f"{model:10s} {proj:7s} {op} M={M:5d} K={K:5d} N={N:5d} | gemm {r['gemm']:.3f} coll "
                   f"{r['coll']:.3f} seq {r['seq']:.3f} symm {r.get('symm', float('nan')):.3f} fused "
-                  f"{r['fused']:.3f} | eff {row['overlap_eff']:.2f} fused/max {row['fused_over_max']:.2f}", flush=True)
+                  f"{r['fused']:.3f} triton {r.get('fused_triton', float('nan')):.3f} host {host_ms:.3f} | eff "
+                  f"{row['overlap_eff']:.2f} fused/max {row['fused_over_max']:.2f}", flush=True)
             # Rewritten after every case: a run cut short by the device's time limit keeps what it measured.
             fields = []
             for done in rows:

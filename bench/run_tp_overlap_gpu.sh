@@ -43,4 +43,6 @@ for r in rows:
               r.get("symm_over_fused") or "-", r["fused_host_ms"])
 PY
 done
+# The device returns at most 8 files: the logs travel as one archive beside the CSVs.
+(cd "$RES" && ls *.txt >/dev/null 2>&1 && tar czf logs.tgz *.txt && rm -f *.txt)
 exit 0  # the stages above print their own exit codes
