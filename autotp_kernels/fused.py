@@ -49,9 +49,10 @@ class FusedTuning:
     chunk_rows: int = int(os.environ.get("AUTOTP_FUSED_CHUNK_ROWS", "2048"))
     """Target rows per GEMM chunk (all ranks' rows together): smaller chunks shorten the exposed tail, larger ones
     keep the GEMM efficient and cost less host time (~30 launches and stream operations per chunk at W=4)."""
-    block: int = 4096
-    """Elements per program of the reduction kernel (8 KB of bf16 per rank read: ~1,000 programs per 2048-row
-    chunk of a 4096-wide output at W=4, enough loads in flight to fill the NVLink links)."""
+    block: int = 8192
+    """Elements per rank each reduction program loads per step (16 KB of bf16: W x 16 KB in flight)."""
+    reduce_programs: int = int(os.environ.get("AUTOTP_FUSED_REDUCE_PROGRAMS", "32"))
+    """Programs (about SMs) of the reduction kernel: what it takes from the GEMM it runs under."""
     min_bytes: int = int(os.environ.get("AUTOTP_FUSED_MIN_BYTES", str(1 << 62)))
     """`kernels: auto` fuses (with cuBLAS chunks) when the collective moves at least this many bytes; below,
     cuBLAS then NCCL. Set from bench/bench_tp_overlap.py's measurements (bench/results/README.md); by default
@@ -59,7 +60,7 @@ class FusedTuning:
     emulate: bool = os.environ.get("AUTOTP_FUSED_EMULATE") == "1"
     """Let the TP layers take their fused code paths without CUDA peer memory: the ops then run cuBLAS (or CPU
     BLAS) then NCCL (or gloo). For debugging and for CPU tests of the layers' wiring."""
-    sm_carveout: int = int(os.environ.get("AUTOTP_FUSED_SM_CARVEOUT", "16"))
+    sm_carveout: int = int(os.environ.get("AUTOTP_FUSED_SM_CARVEOUT", "32"))
     """SMs that cuBLAS leaves free during chunks 1..J-1 of a fused all-reduce / reduce-scatter, for the
     reduction of the previous chunk (torch's `_set_sm_carveout_experimental`; H200 has 132). Without it a
     persistent cuBLAS GEMM holds every SM until it ends and the reduction only runs between chunks: at 4 GPUs the
@@ -216,9 +217,10 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
             if scatter:
                 lo = plan.mine[j][0]
                 reduce_peers(plan.table, partial, N, plan.mine[j], seg, seg_elems, out=out,
-                             out_row0=lo - me * (S // world), block=TUNING.block)
+                             out_row0=lo - me * (S // world), block=TUNING.block, programs=TUNING.reduce_programs)
                 continue
-            reduce_peers(plan.table, partial, N, plan.mine[j], seg, seg_elems, block=TUNING.block)
+            reduce_peers(plan.table, partial, N, plan.mine[j], seg, seg_elems, block=TUNING.block,
+                         programs=TUNING.reduce_programs)
             for addr in plan.rdone[j]:
                 cuda_driver.write_value(reducer, addr, epoch)
             reduced[j].record(reducer)

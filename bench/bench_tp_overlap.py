@@ -176,30 +176,33 @@ def gemm_check(out_dir, dtype):
 
 
 def sweep(group, out_dir, dtype):
-    """Chunk rows x cuBLAS SM carveout on the headline case (8B down, M=8192, AR): fewer chunks cost less host
-    time and GEMM efficiency, more chunks shorten the exposed tail; the carveout trades GEMM SMs for overlap.
-    The Triton GEMM (no carveout: its tiles interleave with the reduction) is timed at each chunk size too."""
+    """Chunk rows x cuBLAS SM carveout x reduction programs on the headline case (8B down, M=8192, AR): fewer
+    chunks cost less host time and GEMM efficiency, more chunks shorten the exposed tail; the carveout and the
+    reduction's programs trade GEMM SMs for overlap. The Triton GEMM (no carveout: its tiles interleave with the
+    reduction) too."""
     world = dist.get_world_size()
     k, n = 14336 // world, 4096
     rows = []
-    saved = (fused.TUNING.chunk_rows, fused.TUNING.sm_carveout)
+    saved = (fused.TUNING.chunk_rows, fused.TUNING.sm_carveout, fused.TUNING.reduce_programs)
     a = torch.randn(1, 8192, k, device="cuda").to(dtype)
     b = torch.randn(k, n, device="cuda").to(dtype) * 0.05
-    for chunk_rows in (1024, 2048, 4096, 8192):
-        fused.TUNING.chunk_rows = chunk_rows
-        for gemm, carveout in (("cublas", 0), ("cublas", 16), ("cublas", 32), ("triton", 0)):
-            if chunk_rows == 8192 and carveout:
-                continue  # one chunk: no carveout applies
-            fused.TUNING.sm_carveout = carveout
-            t = timeit(lambda: fused.matmul_reduce([(a, b)], group, gemm=gemm),  # noqa: B023 - timed at once
-                       label=f"sweep {chunk_rows} {gemm} {carveout}")
-            rows.append({"world": world, "chunk_rows": chunk_rows, "gemm": gemm, "sm_carveout": carveout,
-                         "fused_ms": round(t, 4), "host_ms": round(HOST_MS["last"], 4)})
-    fused.TUNING.chunk_rows, fused.TUNING.sm_carveout = saved
+    configs = [(chunk_rows, "cublas", carveout, programs) for chunk_rows in (2048, 4096)
+               for carveout, programs in ((0, 32), (16, 16), (16, 32), (32, 32), (32, 64), (0, 132))]
+    configs += [(chunk_rows, "triton", 0, programs) for chunk_rows in (2048, 4096) for programs in (16, 32)]
+    configs += [(1024, "cublas", 32, 32), (8192, "cublas", 0, 32), (8192, "cublas", 0, 132)]
+    for chunk_rows, gemm, carveout, programs in configs:
+        fused.TUNING.chunk_rows, fused.TUNING.sm_carveout, fused.TUNING.reduce_programs = \
+            chunk_rows, carveout, programs
+        t = timeit(lambda: fused.matmul_reduce([(a, b)], group, gemm=gemm),  # noqa: B023 - timed at once
+                   label=f"sweep {chunk_rows} {gemm} {carveout} {programs}")
+        rows.append({"world": world, "chunk_rows": chunk_rows, "gemm": gemm, "sm_carveout": carveout,
+                     "reduce_programs": programs, "fused_ms": round(t, 4), "host_ms": round(HOST_MS["last"], 4)})
+    fused.TUNING.chunk_rows, fused.TUNING.sm_carveout, fused.TUNING.reduce_programs = saved
     if dist.get_rank() == 0:
         _write(os.path.join(out_dir, f"tp_overlap_sweep_w{world}.csv"), rows)
         best = min(rows, key=lambda r: r["fused_ms"])
-        print("SWEEP " + " ".join(f"{r['chunk_rows']}/{r['gemm'][0]}{r['sm_carveout']}={r['fused_ms']}"
+        print("SWEEP " + " ".join(f"{r['chunk_rows']}/{r['gemm'][0]}c{r['sm_carveout']}p{r['reduce_programs']}="
+                                  f"{r['fused_ms']}"
                                   f"(h{r['host_ms']})" for r in rows) + f" best {best}", flush=True)
 
 

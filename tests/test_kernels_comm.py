@@ -29,8 +29,10 @@ def _rank_ordered_sum(parts):
                                                  (8, 3, 9, 0, 9, 4), (4, 1, 6, 2, 2, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("store_all", [True, False])
-def test_reduce_peers_is_the_rank_ordered_sum_of_every_buffer(world, seg, S, lo, hi, N, dtype, store_all):
-    """The W buffers are reached through the address table, as on the GPU (there, peers' mapped buffers)."""
+@pytest.mark.parametrize("programs", [2, 64])
+def test_reduce_peers_is_the_rank_ordered_sum_of_every_buffer(world, seg, S, lo, hi, N, dtype, store_all, programs):
+    """The W buffers are reached through the address table, as on the GPU (there, peers' mapped buffers); with
+    2 programs each strides over many blocks, with 64 each has at most one."""
     gen = torch.Generator().manual_seed(world * 100 + N)
     partials = [torch.randn(seg, S, N, generator=gen).to(dtype) for _ in range(world)]  # each rank's product
     expected = _rank_ordered_sum([p[:, lo:hi] for p in partials])
@@ -38,7 +40,8 @@ def test_reduce_peers_is_the_rank_ordered_sum_of_every_buffer(world, seg, S, lo,
     table = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
     out_rows = S + 3  # the output is larger than the chunk: the rows land at out_row0
     out = torch.full((seg, out_rows, N), float("nan"), dtype=dtype)
-    reduce_peers(table, buffers[0], N, (lo, hi), seg, S * N, out=None if store_all else out, out_row0=2, block=16)
+    reduce_peers(table, buffers[0], N, (lo, hi), seg, S * N, out=None if store_all else out, out_row0=2, block=16,
+                 programs=programs)
     for q in range(world):
         want = expected if store_all else partials[q][:, lo:hi]
         assert torch.equal(buffers[q][:, lo:hi], want), f"buffer {q}"

@@ -56,7 +56,7 @@ def _run(world, seg, S, K, N, chunk_rows, scatter, dtype, epoch, monkeypatch):
         for r, plan in enumerate(plans):
             out_row0 = plan.mine[j][0] - r * (S // world)
             reduce_peers(plan.table, views[r], N, plan.mine[j], seg, S * N, out=outs[r] if scatter else None,
-                         out_row0=out_row0, block=64)
+                         out_row0=out_row0, block=8, programs=3)
         if not scatter:
             for r, plan in enumerate(plans):
                 for dst, src, size in plan.collect[j]:
