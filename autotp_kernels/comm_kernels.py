@@ -78,3 +78,24 @@ def reduce_peers(table, like, row_elems: int, rows: tuple, seg: int, seg_elems: 
     reduce_peers_kernel[grid](table, target, lo * row_elems, elems, out_row0 * row_elems, seg_elems,
                               target.stride(0) if out is not None else 0, W=table.numel(), STORE_ALL=out is None,
                               BLOCK=block, num_warps=warps)
+
+
+@triton.jit(do_not_specialize=["count", "epoch"])
+def wait_flags_kernel(addrs_ptr, count, epoch):
+    """Return once every int32 flag at the `count` addresses in addrs_ptr reads at least `epoch` (cyclic signed
+    comparison, as the stream waits): one program, one flag at a time, volatile loads (never a cached value)."""
+    for i in range(count):
+        flag = tl.load(addrs_ptr + i).to(tl.pointer_type(tl.int32))
+        seen = tl.load(flag, volatile=True)
+        while seen - epoch < 0:
+            seen = tl.load(flag, volatile=True)
+
+
+def wait_flags(addrs, epoch: int) -> None:
+    """The current stream waits, in a one-warp kernel, for the flags at `addrs` (int64 tensor of addresses) to
+    reach `epoch`. The alternative to `cuda_driver.wait_value` (TUNING.wait = "kernel"): a satisfied stream
+    wait may still cost the stream a scheduling round trip, a polling warp notices a flag within a load's
+    latency. It holds one warp of one SM while it polls; a timeout releases it the same way (the watchdog
+    sets the flags past every epoch)."""
+    if addrs.numel():
+        wait_flags_kernel[(1,)](addrs, addrs.numel(), epoch, num_warps=1)

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import cuda_driver, symm
-from .comm_kernels import reduce_peers
+from .comm_kernels import reduce_peers, wait_flags
 from .gemm import matmul
 from .symm import MAX_CHUNKS, rdone_index, ready_index, shard_index
 from .watchdog import WATCHDOG
@@ -66,6 +66,9 @@ class FusedTuning:
     persistent cuBLAS GEMM holds every SM until it ends and the reduction only runs between chunks: at 4 GPUs the
     8192 x 3584 x 4096 op took GEMM + reduction (0.75 ms) in any chunking (bench/results/fused_notes.md). The
     Triton GEMM launches a grid of tiles, so the reduction's high-priority programs interleave without it."""
+    wait: str = os.environ.get("AUTOTP_FUSED_WAIT", "stream")
+    """How the all-reduce / reduce-scatter side streams wait for peers' flags: `stream` (cuStreamWaitValue32,
+    holds nothing) or `kernel` (`comm_kernels.wait_flags`, a one-warp polling kernel)."""
     timeout_s: float = float(os.environ.get("AUTOTP_FUSED_TIMEOUT_S", "300"))
     """An op not complete this long after it was issued releases its waits and raises FusedCommError."""
 
@@ -133,6 +136,8 @@ class _ReducePlan:
     rdone: list          # [chunk] -> flag addresses on the peers: RDONE(me, j)       (all-reduce only)
     rdone_waits: list    # [chunk] -> flag addresses here: RDONE(o, j) of every peer  (all-reduce only)
     collect: list        # [chunk] -> [(dst offset in out, src, bytes)]: the chunk's reduced rows, local copy
+    ready_table: list    # [chunk] -> int64 tensor of ready_waits (for TUNING.wait == "kernel")
+    rdone_table: list    # [chunk] -> int64 tensor of rdone_waits
 
 
 def _reduce_plan(ws, partial, S: int, N: int, scatter: bool, pieces: int, epoch: int) -> _ReducePlan:
@@ -141,17 +146,19 @@ def _reduce_plan(ws, partial, S: int, N: int, scatter: bool, pieces: int, epoch:
     seg_bytes, row_bytes = S * N * elem, N * elem
     peers = [(me + i) % world for i in range(1, world)]
     table = torch.tensor([ws.data_ptr(q, epoch) for q in range(world)], dtype=torch.int64, device=partial.device)
-    plan = _ReducePlan(table, [], [], [], [], [], [], [])
+    plan = _ReducePlan(table, [], [], [], [], [], [], [], [], [])
     for j in range(pieces):
         r = owner_rows(j, S, world, pieces, scatter)
         plan.gemm_rows.append(list(r) if scatter else [(r[0][0], r[-1][1])])
         plan.ready.append([ws.flag_addr(o, ready_index(me, j)) for o in peers])
         plan.ready_waits.append([ws.flag_addr(me, ready_index(q, j)) for q in peers])
         plan.mine.append(r[me])
+        plan.ready_table.append(torch.tensor(plan.ready_waits[-1], dtype=torch.int64, device=partial.device))
         if scatter:
             continue
         plan.rdone.append([ws.flag_addr(o, rdone_index(me, j)) for o in peers])
         plan.rdone_waits.append([ws.flag_addr(me, rdone_index(o, j)) for o in peers])
+        plan.rdone_table.append(torch.tensor(plan.rdone_waits[-1], dtype=torch.int64, device=partial.device))
         lo, hi = r[0][0], r[-1][1]
         plan.collect.append([(s * seg_bytes + lo * row_bytes, ws.data_ptr(me, epoch) + s * seg_bytes + lo * row_bytes,
                               (hi - lo) * row_bytes) for s in range(seg) if hi > lo])
@@ -209,11 +216,15 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     # RDONE; the collect stream copies the chunk's rows, reduced by their W owners, into the output locally.
     reduced = ws.events("reduced", pieces)
     seg_elems = S * N
+    polling = TUNING.wait == "kernel"
     with torch.cuda.stream(ws.reduce_stream):
         for j in range(pieces):
             chunk_done[j].wait(reducer)
-            for flag in plan.ready_waits[j]:
-                cuda_driver.wait_value(reducer, flag, epoch)
+            if polling:
+                wait_flags(plan.ready_table[j], epoch)
+            else:
+                for flag in plan.ready_waits[j]:
+                    cuda_driver.wait_value(reducer, flag, epoch)
             if scatter:
                 lo = plan.mine[j][0]
                 reduce_peers(plan.table, partial, N, plan.mine[j], seg, seg_elems, out=out,
@@ -226,12 +237,16 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
             reduced[j].record(reducer)
     if not scatter:
         out_ptr = out.data_ptr()
-        for j in range(pieces):
-            reduced[j].wait(collector)
-            for flag in plan.rdone_waits[j]:
-                cuda_driver.wait_value(collector, flag, epoch)
-            for dst, src, nbytes in plan.collect[j]:
-                cuda_driver.copy(collector, out_ptr + dst, src, nbytes)
+        with torch.cuda.stream(ws.collect_stream):
+            for j in range(pieces):
+                reduced[j].wait(collector)
+                if polling:
+                    wait_flags(plan.rdone_table[j], epoch)
+                else:
+                    for flag in plan.rdone_waits[j]:
+                        cuda_driver.wait_value(collector, flag, epoch)
+                for dst, src, nbytes in plan.collect[j]:
+                    cuda_driver.copy(collector, out_ptr + dst, src, nbytes)
     side = [ws.reduce_stream] + ([] if scatter else [ws.collect_stream])
     _finish(ws, side, keep=[out], defer_join=defer_join, pieces=pieces)
     return out

@@ -183,25 +183,31 @@ def sweep(group, out_dir, dtype):
     world = dist.get_world_size()
     k, n = 14336 // world, 4096
     rows = []
-    saved = (fused.TUNING.chunk_rows, fused.TUNING.sm_carveout, fused.TUNING.reduce_programs)
+    knobs = ("chunk_rows", "sm_carveout", "reduce_programs", "wait")
+    saved = {knob: getattr(fused.TUNING, knob) for knob in knobs}
     a = torch.randn(1, 8192, k, device="cuda").to(dtype)
     b = torch.randn(k, n, device="cuda").to(dtype) * 0.05
-    configs = [(chunk_rows, "cublas", carveout, programs) for chunk_rows in (2048, 4096)
-               for carveout, programs in ((0, 32), (16, 16), (16, 32), (32, 32), (32, 64), (0, 132))]
-    configs += [(chunk_rows, "triton", 0, programs) for chunk_rows in (2048, 4096) for programs in (16, 32)]
-    configs += [(1024, "cublas", 32, 32), (8192, "cublas", 0, 32), (8192, "cublas", 0, 132)]
-    for chunk_rows, gemm, carveout, programs in configs:
-        fused.TUNING.chunk_rows, fused.TUNING.sm_carveout, fused.TUNING.reduce_programs = \
-            chunk_rows, carveout, programs
+    configs = [(chunk_rows, "cublas", carveout, programs, wait) for chunk_rows in (2048, 4096)
+               for carveout, programs in ((0, 32), (16, 16), (32, 32), (32, 64), (0, 132))
+               for wait in ("stream", "kernel")]
+    configs += [(chunk_rows, "triton", 0, 32, wait) for chunk_rows in (2048, 4096) for wait in ("stream", "kernel")]
+    configs += [(1024, "cublas", 32, 32, wait) for wait in ("stream", "kernel")]
+    configs += [(8192, "cublas", 0, programs, wait) for programs in (32, 132) for wait in ("stream", "kernel")]
+    for chunk_rows, gemm, carveout, programs, wait in configs:
+        for knob, value in zip(knobs, (chunk_rows, carveout, programs, wait)):
+            setattr(fused.TUNING, knob, value)
         t = timeit(lambda: fused.matmul_reduce([(a, b)], group, gemm=gemm),  # noqa: B023 - timed at once
-                   label=f"sweep {chunk_rows} {gemm} {carveout} {programs}")
+                   label=f"sweep {chunk_rows} {gemm} {carveout} {programs} {wait}")
         rows.append({"world": world, "chunk_rows": chunk_rows, "gemm": gemm, "sm_carveout": carveout,
-                     "reduce_programs": programs, "fused_ms": round(t, 4), "host_ms": round(HOST_MS["last"], 4)})
-    fused.TUNING.chunk_rows, fused.TUNING.sm_carveout, fused.TUNING.reduce_programs = saved
+                     "reduce_programs": programs, "wait": wait, "fused_ms": round(t, 4),
+                     "host_ms": round(HOST_MS["last"], 4)})
+    for knob, value in saved.items():
+        setattr(fused.TUNING, knob, value)
     if dist.get_rank() == 0:
         _write(os.path.join(out_dir, f"tp_overlap_sweep_w{world}.csv"), rows)
         best = min(rows, key=lambda r: r["fused_ms"])
-        print("SWEEP " + " ".join(f"{r['chunk_rows']}/{r['gemm'][0]}c{r['sm_carveout']}p{r['reduce_programs']}="
+        print("SWEEP " + " ".join(f"{r['chunk_rows']}/{r['gemm'][0]}c{r['sm_carveout']}p{r['reduce_programs']}"
+                                  f"{r['wait'][0]}="
                                   f"{r['fused_ms']}"
                                   f"(h{r['host_ms']})" for r in rows) + f" best {best}", flush=True)
 

@@ -155,3 +155,20 @@ def test_flag_words_do_not_overlap():
     for (lo, hi), (next_lo, _) in zip(ranges, ranges[1:]):
         assert hi < next_lo
     assert symm.PROBE_OFF < symm.FLAG_WORDS and symm.FLAG_BYTES % 256 == 0
+
+
+def test_wait_flags_returns_once_every_flag_reaches_the_epoch():
+    import threading
+
+    from autotp_kernels.comm_kernels import wait_flags
+
+    flags = torch.tensor([7, 3, 9], dtype=torch.int32)
+    addrs = torch.tensor([flags.data_ptr() + 4 * i for i in (0, 1, 2)], dtype=torch.int64)
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (wait_flags(addrs, 7), done.set()), daemon=True)
+    waiter.start()
+    assert not done.wait(0.5)  # flag 1 is behind: still polling
+    flags[1] = 7
+    assert done.wait(30)
+    flags.copy_(torch.tensor([-2**31, -2**31 + 1, 2**31 - 1], dtype=torch.int32))
+    wait_flags(addrs, 2**31 - 1)  # epochs compare cyclically: values just past the int32 wrap are ahead

@@ -61,7 +61,7 @@ def full_of(local, dim):
     return torch.cat(pieces, dim=dim).double()
 
 
-def check_reduce(group, dtype, seg, S, K, N, scatter, gemm):
+def check_reduce(group, dtype, seg, S, K, N, scatter, gemm, label=""):
     rank, world = dist.get_rank(), dist.get_world_size()
     a = rand(seg, S, K, dtype=dtype, seed=10 + rank)
     b = rand(K, N, dtype=dtype, seed=20 + rank)
@@ -76,7 +76,7 @@ def check_reduce(group, dtype, seg, S, K, N, scatter, gemm):
     repeat = all(torch.equal(o, outs[0]) for o in outs)
     everywhere = scatter or same_everywhere(outs[0])
     ok = err <= 1.25 * err_seq + 1e-7 and repeat and everywhere
-    report(f"{'RS' if scatter else 'AR'} {str(dtype)[6:]} {gemm} seg={seg} S={S} K={K} N={N}", ok,
+    report(f"{'RS' if scatter else 'AR'} {str(dtype)[6:]} {gemm}{label} seg={seg} S={S} K={K} N={N}", ok,
            f"err {err:.2e} vs torch+nccl {err_seq:.2e}, repeatable={repeat}, same on ranks={everywhere}")
 
 
@@ -225,6 +225,14 @@ def check_kernels(group, world):
         check_all_gather(group, dtype, 2, 500, 768, 640, "triton")
         check_autograd(group, dtype)
     check_reduce(group, torch.float32, 1, 2048, 512, 1024, scatter=False, gemm="cublas")
+    # The polling-kernel waits (TUNING.wait = "kernel") instead of stream waits, both reductions.
+    saved, fused.TUNING.wait = fused.TUNING.wait, "kernel"
+    try:
+        check_reduce(group, torch.bfloat16, 1, 8192, 1024, 2048, scatter=False, gemm="cublas", label=" wait=kernel")
+        check_reduce(group, torch.bfloat16, 2, 1024 * world, 768, 1000, scatter=True, gemm="cublas",
+                     label=" wait=kernel")
+    finally:
+        fused.TUNING.wait = saved
 
 
 if __name__ == "__main__":
