@@ -46,26 +46,31 @@ from .watchdog import WATCHDOG
 
 @dataclass
 class FusedTuning:
-    chunk_rows: int = int(os.environ.get("AUTOTP_FUSED_CHUNK_ROWS", "2048"))
+    """Defaults from bench/bench_tp_overlap.py --sweep on 4 x H200 (bench/results/tp_overlap_sweep_w4.csv, Llama-3-8B
+    down projection at TP=4, M=8192): no chunking, carveout or grid size overlapped the reduction with the GEMM
+    (every setting took about GEMM + reduction, 0.76-0.94 ms; more chunks or a carveout only added time), so the
+    defaults are the fastest single settings measured: 4096-row chunks, no carveout, a full-size grid."""
+    chunk_rows: int = int(os.environ.get("AUTOTP_FUSED_CHUNK_ROWS", "4096"))
     """Target rows per GEMM chunk (all ranks' rows together): smaller chunks shorten the exposed tail, larger ones
-    keep the GEMM efficient and cost less host time (~30 launches and stream operations per chunk at W=4)."""
+    keep the GEMM efficient and cost less host time (~120 us of host time per chunk at W=4)."""
     block: int = 8192
     """Elements per rank each reduction program loads per step (16 KB of bf16: W x 16 KB in flight)."""
-    reduce_programs: int = int(os.environ.get("AUTOTP_FUSED_REDUCE_PROGRAMS", "32"))
-    """Programs (about SMs) of the reduction kernel: what it takes from the GEMM it runs under."""
+    reduce_programs: int = int(os.environ.get("AUTOTP_FUSED_REDUCE_PROGRAMS", "132"))
+    """Programs of the reduction kernel (H200 has 132 SMs): what it may take from a GEMM it runs under. 32
+    programs reduced no faster under the GEMM and 16 were too few to keep the links busy (1.19 vs 0.87 ms)."""
     min_bytes: int = int(os.environ.get("AUTOTP_FUSED_MIN_BYTES", str(1 << 62)))
     """`kernels: auto` fuses (with cuBLAS chunks) when the collective moves at least this many bytes; below,
-    cuBLAS then NCCL. Set from bench/bench_tp_overlap.py's measurements (bench/results/README.md); by default
-    `auto` never fuses; `kernels: triton` always does."""
+    cuBLAS then NCCL. By default `auto` never fuses: on 4 and 2 H200s the fused all-reduce and reduce-scatter
+    were slower than cuBLAS then NCCL at every measured size (bench/results/README.md); `kernels: triton` always
+    fuses."""
     emulate: bool = os.environ.get("AUTOTP_FUSED_EMULATE") == "1"
     """Let the TP layers take their fused code paths without CUDA peer memory: the ops then run cuBLAS (or CPU
     BLAS) then NCCL (or gloo). For debugging and for CPU tests of the layers' wiring."""
-    sm_carveout: int = int(os.environ.get("AUTOTP_FUSED_SM_CARVEOUT", "32"))
-    """SMs that cuBLAS leaves free during chunks 1..J-1 of a fused all-reduce / reduce-scatter, for the
-    reduction of the previous chunk (torch's `_set_sm_carveout_experimental`; H200 has 132). Without it a
-    persistent cuBLAS GEMM holds every SM until it ends and the reduction only runs between chunks: at 4 GPUs the
-    8192 x 3584 x 4096 op took GEMM + reduction (0.75 ms) in any chunking (bench/results/fused_notes.md). The
-    Triton GEMM launches a grid of tiles, so the reduction's high-priority programs interleave without it."""
+    sm_carveout: int = int(os.environ.get("AUTOTP_FUSED_SM_CARVEOUT", "0"))
+    """SMs that cuBLAS leaves free during chunks 1..J-1 of a fused all-reduce / reduce-scatter for the previous
+    chunk's reduction (torch's `_set_sm_carveout_experimental`). A persistent cuBLAS GEMM holds every SM until
+    it ends; 16 or 32 SMs left free did not make the two overlap on H200 and slowed the GEMM (0.88-0.91 ms
+    against 0.87 at 2048-row chunks, 4 GPUs; 1.31 against 1.00 ms at 2 GPUs), so off by default."""
     wait: str = os.environ.get("AUTOTP_FUSED_WAIT", "stream")
     """How the all-reduce / reduce-scatter side streams wait for peers' flags: `stream` (cuStreamWaitValue32,
     holds nothing) or `kernel` (`comm_kernels.wait_flags`, a one-warp polling kernel)."""

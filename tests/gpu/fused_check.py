@@ -181,12 +181,16 @@ def check_training(world):
 def check_timeout(group):
     """Rank 1 skips one fused op: the others raise FusedCommError within the timeout instead of hanging."""
     rank = dist.get_rank()
+    a = rand(1, 512, 256, dtype=torch.bfloat16, seed=1)
+    b = rand(256, 256, dtype=torch.bfloat16, seed=2)
+    # Every rank runs the op once first: growing the peer workspace is collective (a rendezvous), and after a
+    # small model's training it may still be too small for this op (the check then hung in the rendezvous).
+    fused.matmul_reduce([(a, b)], group)
+    torch.cuda.synchronize()
     fused.TUNING.timeout_s = 2.0
     raised = rank == 1
     start = time.time()
     if rank != 1:
-        a = rand(1, 512, 256, dtype=torch.bfloat16, seed=1)
-        b = rand(256, 256, dtype=torch.bfloat16, seed=2)
         fused.matmul_reduce([(a, b)], group)
         torch.cuda.synchronize()
         try:
