@@ -220,23 +220,16 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     # kernel reads the peers over NVLink) and, for an all-reduce, store the sum back into all W buffers and raise
     # RDONE; the collect stream copies the chunk's rows, reduced by their W owners, into the output locally.
     reduced = ws.events("reduced", pieces)
-    seg_elems = S * N
-    polling = TUNING.wait == "kernel"
     with torch.cuda.stream(ws.reduce_stream):
         for j in range(pieces):
             chunk_done[j].wait(reducer)
-            if polling:
-                wait_flags(plan.ready_table[j], epoch)
-            else:
-                for flag in plan.ready_waits[j]:
-                    cuda_driver.wait_value(reducer, flag, epoch)
-            if scatter:
-                lo = plan.mine[j][0]
-                reduce_peers(plan.table, partial, N, plan.mine[j], seg, seg_elems, out=out,
-                             out_row0=lo - me * (S // world), block=TUNING.block, programs=TUNING.reduce_programs)
-                continue
-            reduce_peers(plan.table, partial, N, plan.mine[j], seg, seg_elems, block=TUNING.block,
+            _await_flags(reducer, plan.ready_waits[j], plan.ready_table[j], epoch)
+            # Reduce-scatter: into the output, whose row 0 is this rank's first sequence row.
+            reduce_peers(plan.table, partial, N, plan.mine[j], seg, S * N, out=out if scatter else None,
+                         out_row0=plan.mine[j][0] - me * (S // world), block=TUNING.block,
                          programs=TUNING.reduce_programs)
+            if scatter:
+                continue
             for addr in plan.rdone[j]:
                 cuda_driver.write_value(reducer, addr, epoch)
             reduced[j].record(reducer)
@@ -245,16 +238,22 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
         with torch.cuda.stream(ws.collect_stream):
             for j in range(pieces):
                 reduced[j].wait(collector)
-                if polling:
-                    wait_flags(plan.rdone_table[j], epoch)
-                else:
-                    for flag in plan.rdone_waits[j]:
-                        cuda_driver.wait_value(collector, flag, epoch)
+                _await_flags(collector, plan.rdone_waits[j], plan.rdone_table[j], epoch)
                 for dst, src, nbytes in plan.collect[j]:
                     cuda_driver.copy(collector, out_ptr + dst, src, nbytes)
     side = [ws.reduce_stream] + ([] if scatter else [ws.collect_stream])
     _finish(ws, side, keep=[out], defer_join=defer_join, pieces=pieces)
     return out
+
+
+def _await_flags(stream: int, flags: list, table: torch.Tensor, epoch: int) -> None:
+    """`stream` (the current torch stream too) waits for the flags at `flags` (`table`: the same addresses on
+    the device) to reach `epoch`, with stream waits or a polling kernel (TUNING.wait)."""
+    if TUNING.wait == "kernel":
+        wait_flags(table, epoch)
+    else:
+        for flag in flags:
+            cuda_driver.wait_value(stream, flag, epoch)
 
 
 def _finish(ws, side, keep, defer_join: bool, pieces: int = 1) -> None:

@@ -2,8 +2,9 @@
 
 One symmetric-memory allocation per rank (PyTorch `symm_mem`, peer-to-peer mappings only, no multicast) holds
   [ flags: FLAG_WORDS int32 | data, parity 0 | data, parity 1 ]
-and every rank maps every peer's allocation: the copy engine reads a peer's data at its mapped address, and a
-stream writes a peer's flag word with `cuda_driver.write_value`. Nothing spins: ranks wait with stream waits.
+and every rank maps every peer's allocation: the reduction kernel and the copy engine read a peer's data at its
+mapped address, and a stream writes a peer's flag word with `cuda_driver.write_value`. Ranks wait with stream
+waits (or, with TUNING.wait = "kernel", a one-warp polling kernel on the side stream).
 
 Synchronisation is by epochs, never by resets: each fused op takes the next epoch e, writes its flags with the
 value e and waits for `flag >= e`. Data buffers alternate by the parity of e. That is safe without an extra
@@ -17,7 +18,7 @@ Flag words (int32, in each rank's own allocation; written by the rank named):
   XREADY[q]                  rank q's input shard is in its data buffer (all-gather + GEMM)
 
 A failure is recorded on the host (`fail`, called by the watchdog when an op outlives its timeout): the flags of
-this rank are set past every epoch so queued stream waits drain, and `check_errors` raises.
+this rank are set past every epoch so queued waits (stream or polling) drain, and `check_errors` raises.
 """
 
 from __future__ import annotations
