@@ -14,6 +14,12 @@ import torch
 import torch.distributed as dist
 
 
+# torch 2.13 renames the flat collectives (`*_single`) and warns on every call of the old names; torch 2.11 (the
+# GPU stack) has only the old ones. Same signatures: (output, input, [op], group, async_op).
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def group_size(group) -> int:
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
 

@@ -6,6 +6,7 @@ waiting in a collective. Messages name the key path and the offending value.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -19,11 +20,11 @@ class ConfigError(ValueError):
     """A config key has a wrong value; the message names the key path and the value."""
 
 
-# Keys autotp reads. Anything else in a DeepSpeed config is accepted and reported once as unused.
+# Keys autotp reads, per section.
 _TOP_KEYS = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
-    "bf16", "fp16", "zero_optimization", "optimizer", "scheduler", "tensor_parallel", "steps_per_print", "seed",
-    "communication_data_type",
+    "bf16", "bfloat16", "fp16", "zero_optimization", "optimizer", "scheduler", "tensor_parallel", "steps_per_print",
+    "seed", "communication_data_type",
 }
 _TP_KEYS = {"autotp_size", "preset_model", "partition_config", "tp_size", "kernels", "vocab_parallel_loss",
             "sequence_parallel"}
@@ -32,10 +33,63 @@ _SPEC_KEYS = {"patterns", "partition_type", "shape", "partition_dim", "model_typ
               "grad_allreduce"}
 _ZERO_KEYS = {"stage", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients",
               "reduce_scatter", "comm_backend"}
+_BF16_KEYS = {"enabled"}
+_FP16_KEYS = {"enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale"}
+_NAMED_KEYS = {"type", "params"}
+
+# DeepSpeed's own keys that autotp accepts and ignores: a DeepSpeed config keeps working, and each one found is
+# listed in one warning. A key in neither set is a typo or a foreign key and raises, naming the nearest known key
+# (`zero_optimisation` once trained silently without ZeRO; `autotp_sise` at TP=1).
+_DEEPSPEED_TOP_KEYS = {
+    "wall_clock_breakdown", "memory_breakdown", "prescale_gradients", "gradient_predivide_factor",
+    "sparse_gradients", "amp", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "activation_checkpointing", "sparse_attention", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet",
+    "elasticity", "autotuning", "aio", "checkpoint", "pipeline", "progressive_layer_drop", "curriculum_learning",
+    "data_efficiency", "data_types", "eigenvalue", "quantize_training", "compression_training", "nebula",
+    "comms_logger", "dataloader_drop_last", "disable_allgather", "dump_state", "seq_parallel_communication_data_type",
+    "sequence_parallel_size", "use_data_before_expert_parallelism", "graph_harvesting", "torch_autocast", "compile",
+    "timers", "weight_quantization", "hybrid_engine", "zero_optimization_stage", "train_micro_batch_size",
+}
+_DEEPSPEED_TP_KEYS = {"tp_overlap_comm", "injection_policy_tuple", "keep_module_on_host", "tp_grain_size", "dtype",
+                      "tensor_parallel", "tp", "mpu", "tp_group"}
+_DEEPSPEED_ZERO_KEYS = {
+    "allgather_partitions", "offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_params",
+    "cpu_offload_use_pin_memory", "sub_group_size", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+    "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_model_persistence_threshold",
+    "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
+    "stage3_module_granularity_threshold", "stage3_use_all_reduce_for_fetch_params", "round_robin_gradients",
+    "elastic_checkpoint", "ignore_unused_parameters", "legacy_stage1", "load_from_fp32_weights",
+    "zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_nontrainable_weights",
+    "zero_quantized_gradients", "zeropp_loco_param", "mics_shard_size", "mics_hierarchical_params_gather",
+    "memory_efficient_linear", "pipeline_loading_checkpoint", "override_module_apply",
+    "use_multi_rank_bucket_allreduce", "log_trace_cache_warnings", "prefetch_bucket_size",
+    "param_persistence_threshold", "model_persistence_threshold", "max_live_parameters", "max_reuse_distance",
+    "gather_16bit_weights_on_model_save", "module_granularity_threshold",
+}
+_DEEPSPEED_BF16_KEYS = {"immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
+                        "bf16_optimizer_states", "auto_cast"}
+_DEEPSPEED_FP16_KEYS = {"auto_cast", "consecutive_hysteresis", "fp16_master_weights_and_grads", "type"}
+
+
+def _check_keys(section: dict, path: str, read: set, ignored: set, unused: list) -> None:
+    """Raise on a key of `section` that is neither read by autotp nor a DeepSpeed key it ignores (naming the
+    nearest known key); append the ignored ones, with their path, to `unused`."""
+    known = sorted(read | ignored)
+    for key in sorted(section, key=str):
+        if key in read:
+            continue
+        if key in ignored:
+            unused.append(path + key)
+            continue
+        nearest = difflib.get_close_matches(str(key), known, n=1, cutoff=0.0)
+        hint = f"; did you mean '{path}{nearest[0]}'?" if nearest else ""
+        raise ConfigError(f"config key '{path}{key}' is unknown to autotp and to DeepSpeed{hint} (known keys here: "
+                          f"{', '.join(known)})")
+
+
 COMM_BACKENDS = ("auto", "torch", "nccl_ext")
 _COMM_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
                 "fp16": "float16", "float16": "float16"}
-OPTIMIZER_TYPES = ("adam", "adamw", "sgd")
 SCHEDULER_TYPES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 PARTITION_TYPES = ("column", "row", "skip")
 
@@ -328,7 +382,7 @@ def _resolve_batch(d: dict, dp_world_size: int) -> tuple[int, int, int]:
 
 def _parse_tensor_parallel(d: dict, unused: list) -> TensorParallelConfig:
     raw = _section(d, "tensor_parallel")
-    unused += [f"tensor_parallel.{k}" for k in sorted(set(raw) - _TP_KEYS)]
+    _check_keys(raw, "tensor_parallel.", _TP_KEYS, _DEEPSPEED_TP_KEYS, unused)
     size = _get_int(raw, "autotp_size", "tensor_parallel.", None)
     if size is None:
         size = _get_int(raw, "tp_size", "tensor_parallel.", 1)
@@ -355,6 +409,7 @@ def _parse_named_section(d: dict, key: str, allowed) -> Optional[Any]:
         return None
     if not isinstance(raw, dict):
         _fail(key, raw, "must be an object with 'type' and 'params'")
+    _check_keys(raw, f"{key}.", _NAMED_KEYS, set(), [])
     kind = raw.get("type")
     names = {name.lower(): name for name in allowed}
     if not isinstance(kind, str) or kind.lower() not in names:
@@ -394,7 +449,10 @@ def _parse_zero(zero: dict, stage: int, d: dict) -> ZeroConfig:
 def parse_config(config: Any, world_size: int) -> AutoTPConfig:
     """Parse and validate; `world_size` is the global world size (dp = world / autotp_size)."""
     d = load_config_dict(config)
-    unused = [k for k in sorted(d) if k not in _TOP_KEYS]
+    unused: list[str] = []
+    _check_keys(d, "", _TOP_KEYS, _DEEPSPEED_TOP_KEYS, unused)
+    if "bf16" in d and "bfloat16" in d:
+        raise ConfigError("config keys 'bf16' and 'bfloat16' are both given: they are the same setting, keep one")
     tp = _parse_tensor_parallel(d, unused)
     if world_size % tp.autotp_size:
         _fail("tensor_parallel.autotp_size", tp.autotp_size, f"must divide the world size {world_size}")
@@ -404,13 +462,17 @@ def parse_config(config: Any, world_size: int) -> AutoTPConfig:
     clip = d.get("gradient_clipping", 0.0)
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
         _fail("gradient_clipping", clip, "must be a number >= 0")
-    bf16 = _get_bool(_section(d, "bf16"), "enabled", "bf16.", False)
-    fp16 = _get_bool(_section(d, "fp16"), "enabled", "fp16.", False)
+    bf16_key = "bfloat16" if "bfloat16" in d else "bf16"  # DeepSpeed's alias
+    bf16_section, fp16_section = _section(d, bf16_key), _section(d, "fp16")
+    _check_keys(bf16_section, f"{bf16_key}.", _BF16_KEYS, _DEEPSPEED_BF16_KEYS, unused)
+    _check_keys(fp16_section, "fp16.", _FP16_KEYS, _DEEPSPEED_FP16_KEYS, unused)
+    bf16 = _get_bool(bf16_section, "enabled", f"{bf16_key}.", False)
+    fp16 = _get_bool(fp16_section, "enabled", "fp16.", False)
     if bf16 and fp16:
         raise ConfigError("config keys 'bf16.enabled' and 'fp16.enabled' are both true: choose one")
 
     zero = _section(d, "zero_optimization")
-    unused += [f"zero_optimization.{k}" for k in sorted(set(zero) - _ZERO_KEYS)]
+    _check_keys(zero, "zero_optimization.", _ZERO_KEYS, _DEEPSPEED_ZERO_KEYS, unused)
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2):
         _fail("zero_optimization.stage", stage, "autotp supports ZeRO stages 0, 1 and 2 (stage 3 shards "

@@ -19,20 +19,24 @@ import torch.distributed as dist
 from .config import ConfigError
 
 
-def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -> None:
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0,
+                     init_method: Optional[str] = None) -> None:
     """Initialise torch.distributed from torchrun's environment: NCCL with CUDA, gloo without.
 
-    Without torchrun's variables this starts a one-process group, so scripts run unchanged on one device.
+    Without torchrun's variables this starts a one-process group over an in-memory store (no port to collide
+    on), so scripts run unchanged on one device. `init_method` (e.g. `file:///tmp/rdzv`) replaces the
+    environment's MASTER_ADDR/MASTER_PORT rendezvous; RANK and WORLD_SIZE still come from the environment.
     """
     if dist.is_initialized():
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     kwargs: dict[str, Any] = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+    elif init_method is not None:
+        kwargs.update(init_method=init_method, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     if backend == "nccl":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)

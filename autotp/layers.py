@@ -14,6 +14,8 @@ modules only choose which pair runs where.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Optional
 
 import torch
@@ -37,6 +39,15 @@ def _linear(x, weight, bias, conv1d: bool, kernels: str = "torch"):
         out = torch.matmul(x, weight)
         return out + bias if bias is not None else out
     return F.linear(x, weight, bias)
+
+
+def _fused_emulated() -> bool:
+    """Whether `autotp_kernels.fused.TUNING.emulate` is on, read without importing the kernels: its environment
+    variable, or the flag on the module when a caller has already imported it."""
+    if os.environ.get("AUTOTP_FUSED_EMULATE") == "1":
+        return True
+    fused = sys.modules.get("autotp_kernels.fused")
+    return fused is not None and fused.TUNING.emulate
 
 
 class _ParallelLinear(nn.Module):
@@ -66,6 +77,8 @@ class _ParallelLinear(nn.Module):
         traffic up (no crossover is measured yet, so by default `auto` keeps cuBLAS then NCCL)."""
         if self.kernels == "torch" or self.layout.tp_size == 1:
             return None
+        if not x.is_cuda and not _fused_emulated():
+            return None  # fused ops need CUDA peer memory: on the CPU nothing imports the kernel package (triton)
         from autotp_kernels import fused, symm  # imported on use: triton is only needed for this path
 
         if self.kernels == "auto" and comm_bytes < fused.TUNING.min_bytes:

@@ -37,10 +37,10 @@ def _sizes(length: int, group) -> list[int]:
 def _reduce_scatter_seq(x_partial: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
     """Sum over TP and keep this rank's sequence slice."""
     if len(set(sizes)) == 1:
-        # reduce_scatter_tensor splits dim 0: put the sequence first, contiguous.
+        # the flat reduce-scatter splits dim 0: put the sequence first, contiguous.
         seq_first = x_partial.transpose(0, SEQ_DIM).contiguous()
         out = seq_first.new_empty((sizes[0],) + tuple(seq_first.shape[1:]))
-        dist.reduce_scatter_tensor(out, seq_first, group=group)
+        comm.reduce_scatter_flat(out, seq_first, group=group)
         return out.transpose(0, SEQ_DIM).contiguous()
     summed = comm.all_reduce_raw(x_partial.clone(), group)  # uneven shards: all-reduce, then slice
     return comm.local_slice(summed, group, sizes, dim=SEQ_DIM)

@@ -22,8 +22,8 @@ import copy
 import csv
 import importlib.resources
 import os
-import socket
 import sys
+import tempfile
 import time
 
 import torch
@@ -234,16 +234,14 @@ def train(args) -> None:
     dist.destroy_process_group()
 
 
-def _worker(local_rank: int, nproc: int, port: int, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank), WORLD_SIZE=str(nproc),
-                      LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(nproc))
+def _worker(local_rank: int, nproc: int, rendezvous_file: str, args) -> None:
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(nproc))
+    import autotp
+
+    # A file rendezvous: a free port found first and bound later can be taken in between by another job.
+    autotp.init_distributed(init_method=f"file://{rendezvous_file}")
     train(args)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(argv=None) -> None:
@@ -254,10 +252,19 @@ def main(argv=None) -> None:
         return
     import torch.multiprocessing as mp
 
-    try:
-        mp.spawn(_worker, args=(args.nproc, _free_port(), args), nprocs=args.nproc, join=True)
-    except mp.ProcessRaisedException as err:  # spawn has already stopped the other workers
-        sys.exit(f"autotp-train: a worker failed:\n{err}")
+    with tempfile.TemporaryDirectory(prefix="autotp-rdzv-") as tmp:
+        try:
+            mp.spawn(_worker, args=(args.nproc, os.path.join(tmp, "store"), args), nprocs=args.nproc, join=True)
+        except mp.ProcessRaisedException as err:  # spawn has already stopped the other workers
+            sys.stderr.write(err.msg.rstrip() + "\n")  # the worker's traceback
+            sys.exit(f"autotp-train: rank {err.error_index} failed: {_last_line(err.msg)}")
+        except mp.ProcessExitedException as err:
+            sys.exit(f"autotp-train: rank {err.error_index} exited with code {err.exit_code} ({err})")
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no error message"
 
 
 if __name__ == "__main__":

@@ -79,6 +79,9 @@ class FusedTuning:
 
 
 TUNING = FusedTuning()
+# torch 2.13's names for the flat collectives (the old ones warn on every call); torch 2.11 has only the old ones.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _CAN_CARVE_OUT = hasattr(torch._C, "_set_sm_carveout_experimental")
 
 
@@ -348,7 +351,7 @@ def sequential_matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "c
     world = dist.get_world_size(group)
     seq_first = out.transpose(0, 1).contiguous()
     piece = seq_first.new_empty((seq_first.shape[0] // world,) + tuple(seq_first.shape[1:]))
-    dist.reduce_scatter_tensor(piece, seq_first, group=group)
+    _reduce_scatter_flat(piece, seq_first, group=group)
     return piece.transpose(0, 1).contiguous()
 
 
@@ -356,6 +359,6 @@ def sequential_all_gather_matmul(x_shard, weights, group, gemm: str = "cublas"):
     world = dist.get_world_size(group)
     seq_first = x_shard.transpose(0, 1).contiguous()
     gathered = seq_first.new_empty((seq_first.shape[0] * world,) + tuple(seq_first.shape[1:]))
-    dist.all_gather_into_tensor(gathered, seq_first, group=group)
+    _all_gather_flat(gathered, seq_first, group=group)
     x_full = gathered.transpose(0, 1).contiguous()
     return x_full, [_gemm_sum([(x_full, b)], gemm) for b in weights]

@@ -9,27 +9,24 @@ from __future__ import annotations
 
 import io
 import os
-import socket
+import shutil
+import tempfile
 import traceback
 
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank, world_size, port, fn, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+def _entry(rank, world_size, rendezvous_file, fn, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size))
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        # A file rendezvous, private to this test: a probed free port can be taken by another job before the
+        # store binds it (EADDRINUSE, then a 300 s hang).
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous_file}", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         # Serialise here: tensors sent through the queue as-is would share memory with a process that exits.
         buffer = io.BytesIO()
@@ -45,8 +42,10 @@ def _entry(rank, world_size, port, fn, args, queue):
 def run_distributed(world_size: int, fn, *args, timeout_s: float = 300.0) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    rendezvous_dir = tempfile.mkdtemp(prefix="autotp-test-rdzv-")
+    rendezvous_file = os.path.join(rendezvous_dir, "store")
+    procs = [ctx.Process(target=_entry, args=(r, world_size, rendezvous_file, fn, args, queue))
+             for r in range(world_size)]
     for proc in procs:
         proc.start()
     import queue as queue_module
@@ -81,6 +80,7 @@ def run_distributed(world_size: int, fn, *args, timeout_s: float = 300.0) -> lis
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
+        shutil.rmtree(rendezvous_dir, ignore_errors=True)
     if errors:
         raise AssertionError("distributed test failed:\n" + "\n".join(errors))
     return results

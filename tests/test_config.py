@@ -213,6 +213,35 @@ _UNUSED = ["activation_checkpointing", "wall_clock_breakdown", "tensor_parallel.
            "zero_optimization.offload_optimizer"]
 
 
+@pytest.mark.parametrize("section, typo, nearest", [
+    (None, "zero_optimisation", "zero_optimization"),
+    ("tensor_parallel", "autotp_sise", "tensor_parallel.autotp_size"),
+    ("zero_optimization", "overlap_com", "zero_optimization.overlap_comm"),
+    ("bf16", "enable", "bf16.enabled"),
+    ("fp16", "initial_scale_pow", "fp16.initial_scale_power"),
+    ("optimizer", "param", "optimizer.params"),
+    ("scheduler", "parmas", "scheduler.params"),
+])
+def test_typo_in_a_read_section_raises_naming_the_nearest_key(section, typo, nearest):
+    """A typo used to warn once and train at another layout (TP=4 became TP=1 x DP=4); now it raises."""
+    sections = {"tensor_parallel": {"autotp_size": 1}, "zero_optimization": {"stage": 0}, "bf16": {"enabled": False},
+                "fp16": {"enabled": False}, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+                "scheduler": {"type": "WarmupLR", "params": {}}}
+    config = {**_BASE, **sections}
+    if section is None:
+        config[typo] = {"stage": 1}
+    else:
+        config[section] = {**config[section], typo: 1}
+    message = _raises(config)
+    wrong = typo if section is None else f"{section}.{typo}"
+    assert f"'{wrong}' is unknown" in message and f"did you mean '{nearest}'" in message
+
+
+def test_bfloat16_is_deepspeeds_alias_of_bf16():
+    assert parse_config({**_BASE, "bfloat16": {"enabled": True}}, 1).bf16
+    assert "both given" in _raises({**_BASE, "bfloat16": {"enabled": True}, "bf16": {"enabled": True}})
+
+
 def test_unused_keys_listed():
     assert parse_config(_WITH_UNUSED, 1).unused_keys == _UNUSED
     assert parse_config(_BASE, 1).unused_keys == []

@@ -20,12 +20,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..comm import all_gather_flat, reduce_scatter_flat
 from ..config import ConfigError
 
 logger = logging.getLogger("autotp")
 
-# torch 2.13 deprecates all_gather_into_tensor for all_gather_single; torch 2.11 (the GPU stack) may lack it.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class TorchBackend:
@@ -51,13 +50,13 @@ class TorchBackend:
             for output, input, add in zip(outputs, inputs, accumulate):
                 if add:
                     reduced = torch.empty(output.numel(), dtype=input.dtype, device=input.device)
-                    dist.reduce_scatter_tensor(reduced, input, op=dist.ReduceOp.SUM, group=self.group)
+                    reduce_scatter_flat(reduced, input, op=dist.ReduceOp.SUM, group=self.group)
                     output.add_(reduced)
                 else:
-                    dist.reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=self.group)
+                    reduce_scatter_flat(output, input, op=dist.ReduceOp.SUM, group=self.group)
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        _all_gather_flat(output, input, group=self.group)
+        all_gather_flat(output, input, group=self.group)
 
     def join(self) -> None:
         if self.cuda:

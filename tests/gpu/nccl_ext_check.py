@@ -21,7 +21,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import autotp  # noqa: E402
 from autotp import _ext  # noqa: E402
-from autotp.zero.backend import NcclExtBackend, _all_gather_flat  # noqa: E402
+from autotp.comm import all_gather_flat as _all_gather_flat  # noqa: E402
+from autotp.zero.backend import NcclExtBackend  # noqa: E402
 from families import batch, tiny_model  # noqa: E402
 
 
