@@ -170,7 +170,9 @@ def _mixed_precision(rank, world_size, dtype_key):
     model = tiny_model("llama")
     model.register_buffer("persistent_scale", torch.ones(3))  # a checkpointed float buffer: cast like weights
     config = {"train_micro_batch_size_per_gpu": 2, "tensor_parallel": {"autotp_size": 2},
-              dtype_key: {"enabled": True, "initial_scale_power": 40, "hysteresis": 1},
+              # Loss-scale keys belong to fp16 only (DeepSpeed's bf16 section has none; autotp now rejects them).
+              dtype_key: {"enabled": True, **({"initial_scale_power": 40, "hysteresis": 1} if dtype_key == "fp16"
+                                              else {})},
               "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}
     engine, optimizer, _, _ = autotp.initialize(model=model, config=config)
     dtype = next(engine.module.parameters()).dtype
