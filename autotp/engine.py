@@ -24,8 +24,10 @@ import torch.nn as nn
 
 from . import comm, resume
 from .checkpoint import consolidated_state_dict, save_pretrained
+from .compat import merge_tp_model_init
 from .config import AutoTPConfig, ConfigError, load_config_dict, parse_config
-from .groups import ParallelGroups, build_groups, groups_from_mesh, groups_from_mpu, init_distributed
+from .groups import (ParallelGroups, build_groups, groups_from_mesh, groups_from_mpu, groups_from_tp_group,
+                     init_distributed)
 from .loss_scaler import LossScaler
 from .optim import build_optimizer, build_scheduler
 from .replace import parallelize, set_kernels
@@ -89,7 +91,8 @@ def _check_fused_collectives() -> None:
 
 
 class Engine:
-    """What `initialize` returns first: call it like the model, then `backward(loss)` and `step()`."""
+    """What `initialize` returns first: call it like the model, then `backward(loss)` and `step()`. Built without
+    an optimizer (evaluation), it runs forward and saves; `backward` and `step` raise."""
 
     def __init__(self, model: nn.Module, optimizer, lr_scheduler, config: AutoTPConfig, groups: ParallelGroups,
                  store, device: torch.device, fp16_section: dict):
@@ -105,7 +108,8 @@ class Engine:
         self._global_grad_norm: Optional[torch.Tensor] = None
         self._batch_checked = False
         self.store = store
-        self.params = store.params
+        self.params = store.params if store is not None else [p for p in model.parameters() if p.requires_grad]
+        self._destroyed = False
         self.loss_scaler = LossScaler.from_config(fp16_section) if config.fp16 else None
 
     # ---- model-like surface --------------------------------------------------------------------------
@@ -165,13 +169,26 @@ class Engine:
         return float(norm) if torch.is_tensor(norm) else norm
 
     def get_lr(self) -> list[float]:
-        return [group["lr"] for group in self.optimizer.param_groups]
+        return [group["lr"] for group in self.optimizer.param_groups] if self.optimizer is not None else []
+
+    def autotp_size(self) -> int:
+        """The TP group size (DeepSpeed's `engine.autotp_size()`)."""
+        return self.groups.tp_size
 
     @property
     def loss_scale(self) -> float:
         return self.loss_scaler.scale if self.loss_scaler else 1.0
 
     # ---- training --------------------------------------------------------------------------------------
+    def _require_optimizer(self, what: str) -> None:
+        if self._destroyed:
+            raise RuntimeError(f"autotp: engine.{what}() after engine.destroy(); build a new engine with "
+                               "autotp.initialize")
+        if self.store is None:
+            raise RuntimeError(f"autotp: engine.{what}() needs an optimizer, and this engine has none (initialize "
+                               "got neither optimizer= nor the config key 'optimizer'); it can run forward and "
+                               "save the model only")
+
     def _check_same_batch(self, args, kwargs) -> None:
         """Every rank of a TP group must see the same micro-batch; a mismatch fails on all ranks at once."""
         self._batch_checked = True
@@ -188,6 +205,7 @@ class Engine:
                 "DP group only (engine.dp_rank / engine.dp_world_size, or pass training_data to initialize).")
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+        self._require_optimizer("backward")
         scaled = loss / self.config.gradient_accumulation_steps
         if self.loss_scaler is not None:
             # In fp32, as DeepSpeed does: an fp16 loss times a 2**16 scale would overflow before backward.
@@ -204,6 +222,7 @@ class Engine:
         return total.sqrt()
 
     def step(self) -> None:
+        self._require_optimizer("step")
         boundary = self.is_gradient_accumulation_boundary()
         self.micro_steps += 1
         if not boundary:
@@ -248,11 +267,44 @@ class Engine:
                         self.get_global_grad_norm())
 
     def zero_grad(self) -> None:
-        self.store.zero_grad()
+        if self.store is not None:
+            self.store.zero_grad()
+            return
+        for param in self.module.parameters():
+            param.grad = None
+
+    def destroy(self) -> None:
+        """Release what the engine holds so it can be dropped: the ZeRO store's gradient hooks on the model's
+        parameters (they would keep the store alive as long as the model), its buckets, the gradients and the
+        optimizer's state. The model stays usable (sharded, with its TP hooks); the optimizer does not.
+        Idempotent; no collective."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        store = self.store
+        for hook in getattr(store, "hooks", None) or []:
+            hook.remove()
+        self.zero_grad()
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+        self.store = self.optimizer = self.lr_scheduler = self.loss_scaler = None
+        self.params = []
+        self._global_grad_norm = None
 
     # ---- saving ---------------------------------------------------------------------------------------
     def consolidated_state_dict(self) -> Optional[dict]:
         return consolidated_state_dict(self.module, self.groups.tp_group)
+
+    def _consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False) -> Optional[dict]:
+        """DeepSpeed's name (the HF Trainer and accelerate call it to save): the full state dict in the model's
+        training dtype (bf16/fp16, or fp32), on CPU, on global rank 0; None elsewhere. Collective: every rank
+        must call it."""
+        full = self.consolidated_state_dict()
+        if full is not None and exclude_frozen_parameters:
+            frozen = {name for name, param in self.module.named_parameters(remove_duplicate=False)
+                      if not param.requires_grad}
+            full = {name: value for name, value in full.items() if name not in frozen}
+        return full
 
     def save_pretrained(self, save_dir: str, **kwargs) -> None:
         save_pretrained(self.module, save_dir, **kwargs)
@@ -261,12 +313,14 @@ class Engine:
                         save_latest: bool = True) -> str:
         """Model shards, optimizer partitions, scheduler, RNG, counters and loss scaler, written atomically
         (see `autotp/resume.py`). Collective: call on every rank."""
+        self._require_optimizer("save_checkpoint")
         return resume.save_checkpoint(self, save_dir, tag, client_state, save_latest)
 
     def load_checkpoint(self, load_dir: str, tag=None, load_module_strict: bool = True,
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                         load_module_only: bool = False):
         """Returns (path, client_state); loads at any TP x DP layout and ZeRO stage. Collective."""
+        self._require_optimizer("load_checkpoint")
         return resume.load_checkpoint(self, load_dir, tag, load_module_strict, load_optimizer_states,
                                       load_lr_scheduler_states, load_module_only)
 
@@ -283,7 +337,8 @@ def _remap_optimizer(optimizer, mapping: dict) -> None:
 
 def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=None, config=None, mpu=None,
                training_data=None, collate_fn=None, device_mesh=None, config_params=None):
-    """DeepSpeed-compatible entry point: returns (engine, optimizer, dataloader, lr_scheduler)."""
+    """DeepSpeed-compatible entry point: returns (engine, optimizer, dataloader, lr_scheduler). Without an optimizer
+    (neither `optimizer=` nor the config key) the engine runs forward and saves, as DeepSpeed's does."""
     if model is None:
         raise ConfigError("autotp.initialize needs model=")
     if config is None and config_params is not None:
@@ -292,6 +347,13 @@ def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=N
     raw = load_config_dict(config)
     world = dist.get_world_size()
     cfg = parse_config(raw, world)  # validates every key before any collective
+    recorded = getattr(model, "autotp_tp_model_init", None)  # DeepSpeed's tp_model_init: applied here
+    tp_source = "config key 'tensor_parallel.autotp_size'"
+    if recorded is not None:
+        if not any(k in (raw.get("tensor_parallel") or {}) for k in ("autotp_size", "tp_size")):
+            tp_source = "tp_model_init(tp_size=...)"
+        raw = merge_tp_model_init(recorded, raw, cfg, mpu, device_mesh)
+        cfg = parse_config(raw, world)
     if cfg.unused_keys and dist.get_rank() == 0:
         warnings.warn("autotp ignores these DeepSpeed config keys: " + ", ".join(cfg.unused_keys), stacklevel=2)
     tp_size = cfg.tensor_parallel.autotp_size
@@ -304,12 +366,13 @@ def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=N
         groups = groups_from_mpu(mpu)
     elif state is not None:
         groups = state.groups
+    elif recorded is not None and recorded.tp_group is not None:
+        groups = groups_from_tp_group(recorded.tp_group)
     else:
         groups = build_groups(tp_size)
     if tp_given and groups.tp_size != tp_size:
-        source = "tp_model_init/parallelize" if state is not None else "mpu/device_mesh"
-        raise ConfigError(f"config key 'tensor_parallel.autotp_size' = {tp_size} conflicts with TP size "
-                          f"{groups.tp_size} from {source}")
+        source = "autotp.parallelize" if state is not None else "mpu/device_mesh"
+        raise ConfigError(f"{tp_source} = {tp_size} conflicts with TP size {groups.tp_size} from {source}")
     if groups.dp_group is None and groups.tp_size < world:
         groups = build_groups(groups.tp_size) if state is None else groups
     if groups.tp_size * groups.dp_size != world:
@@ -322,16 +385,18 @@ def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=N
     names_before = {id(p): n for n, p in model.named_parameters()}
     if state is None:
         tp = cfg.tensor_parallel
+        partition = recorded.partition_config if recorded is not None and recorded.partition_config is not None \
+            else tp.partition_config
         parallelize(model, tp_group=groups.tp_group if groups.tp_size > 1 else None, tp_size=groups.tp_size,
-                    preset_model=tp.preset_model, partition_config=tp.partition_config,
+                    preset_model=tp.preset_model, partition_config=partition,
                     device_mesh=groups.device_mesh, kernels=tp.kernels, vocab_parallel=tp.vocab_parallel_loss,
                     sequence_parallel=tp.sequence_parallel)
         model.autotp_state.groups = groups
     elif "kernels" in (raw.get("tensor_parallel") or {}):
-        set_kernels(model, cfg.tensor_parallel.kernels)  # tp_model_init sharded it; the config picks GEMMs
+        set_kernels(model, cfg.tensor_parallel.kernels)  # parallelize sharded it; the config picks GEMMs
     vocab = vocab_parallel_wanted(cfg.tensor_parallel.vocab_parallel_loss, model, groups.tp_size)
     if vocab and groups.tp_size > 1 and state is not None:
-        try:  # sharded by tp_model_init / parallelize without it: works if its LM head is vocab-split
+        try:  # sharded by parallelize without it: works if its LM head is vocab-split
             enable_vocab_parallel_loss(model)
         except ValueError as err:  # the same model on every rank: every rank raises this
             if cfg.tensor_parallel.vocab_parallel_loss is True:  # `auto` keeps the LM head as it was sharded
@@ -366,10 +431,14 @@ def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=N
         else:
             source = [mapping.get(id(p), p) for p in source if getattr(p, "requires_grad", True)]
         optimizer = build_optimizer(cfg.optimizer, source)
-    else:
-        raise ConfigError("no optimizer: pass optimizer= to autotp.initialize or set the config key 'optimizer'")
+    elif lr_scheduler is not None or cfg.scheduler is not None:
+        raise ConfigError("a learning-rate scheduler needs an optimizer: pass optimizer= to autotp.initialize or "
+                          "set the config key 'optimizer'")
 
-    store = _build_store(cfg, params, [n for n, _ in named], optimizer, groups, device, dtype is not None)
+    # No optimizer (DeepSpeed allows it: an evaluation engine): no ZeRO store; backward and step raise.
+    store = None
+    if optimizer is not None:
+        store = _build_store(cfg, params, [n for n, _ in named], optimizer, groups, device, dtype is not None)
     if lr_scheduler is not None and not hasattr(lr_scheduler, "step") and callable(lr_scheduler):
         lr_scheduler = lr_scheduler(optimizer)
     elif lr_scheduler is None and cfg.scheduler is not None:

@@ -262,6 +262,38 @@ class ColumnParallelEmbeddingMixin:
         return super().extra_repr() + f", embedding_dim_parallel: unsharded={sum(self.autotp_sizes)}"
 
 
+class ColumnParallelLinearLikeMixin:
+    """A module of its own class whose 2-D `weight` [N, K] (and bias [N]) now holds this rank's output features:
+    its forward runs unchanged on a copied-in input (backward: all-reduce of the input gradient) and returns
+    y_shard_n [..., N/R], gathered to [..., N] when `autotp_gather_sizes` is set (gather_output)."""
+
+    autotp_group = None
+    autotp_gather_sizes = None
+
+    def forward(self, x, *args, **kwargs):
+        y_shard_n = super().forward(comm.copy_to_tp(x, self.autotp_group), *args, **kwargs)
+        if self.autotp_gather_sizes is None:
+            return y_shard_n
+        return comm.gather_from_tp(y_shard_n, self.autotp_group, self.autotp_gather_sizes)
+
+    def extra_repr(self):
+        return super().extra_repr() + f"column_parallel: local={tuple(self.weight.shape)}"
+
+
+class RowParallelLinearLikeMixin:
+    """A module of its own class whose 2-D `weight` [N, K] now holds this rank's input features: it reads
+    x_shard_k [..., K/R] and its partial outputs are all-reduced (backward: identity). Refused with a bias
+    (`replace.py`): the module's own forward would add it on every rank."""
+
+    autotp_group = None
+
+    def forward(self, x_shard_k, *args, **kwargs):
+        return comm.reduce_from_tp(super().forward(x_shard_k, *args, **kwargs), self.autotp_group)
+
+    def extra_repr(self):
+        return super().extra_repr() + f"row_parallel: local={tuple(self.weight.shape)}"
+
+
 class TPExpertsMixin:
     """Experts whose intermediate dimension is split over TP (HF's `moe_tp_experts`).
 

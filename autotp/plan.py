@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from .config import LayerSpec, PartitionConfig
 from .presets import PRESET_ALIASES, PRESETS
-from .shard import Block, ShardLayout
+from .shard import Block, ShardLayout, split_sizes
 
 __all__ = ["PRESETS", "Target", "Rule", "Action", "ModelDims", "PlanError", "resolve_plan", "build_rules",
            "rules_from_tp_plan", "model_dims", "format_plan"]
@@ -28,7 +28,9 @@ class Target:
     """One thing a rule can apply to: a Linear / Conv1D / Embedding module, a bare parameter, or a module."""
 
     name: str
-    kind: str  # linear | conv1d | embedding | param | module
+    kind: str  # linear | conv1d | embedding | param | linear_like | module
+    """linear_like: a module of another class with its own 2-D `weight` used as `x @ weight.T` (DeepSpeed's
+    layer_specs can target it by parameter name)."""
     shape: tuple = ()
     """Weight shape in storage order (Conv1D: [in, out]); empty for plain modules."""
     in_block: bool = False
@@ -43,6 +45,24 @@ class Rule:
     source: str = ""
     match: str = "search_end"  # search_end (presets) | match (DeepSpeed layer_specs) | full (HF tp_plan)
     model_types: Optional[tuple] = None
+    key: str = field(default="", compare=False)
+    """The plan key or pattern as the user wrote it, for messages."""
+
+    def names_for(self, target: "Target", param_names: tuple = ()) -> list[str]:
+        """The names this rule is matched against. DeepSpeed's layer_specs match parameter names: a splittable
+        layer's `<name>.weight` (and, as autotp always allowed, its own name), a bare parameter's own name, and
+        (for skip rules only) the direct parameters of any other module, never a container's name; HF tp_plans
+        and presets match module names."""
+        splittable = target.kind in ("linear", "conv1d", "embedding", "linear_like")
+        if self.match == "match":
+            if splittable:
+                return [target.name + ".weight", target.name]  # the layer's own name too: `.*qkv_proj$`
+            if target.kind == "param":
+                return [target.name]
+            return [f"{target.name}.{p}" for p in param_names] if self.style == "skip" else []
+        if target.kind == "param":
+            return [target.name]
+        return [target.name, target.name + ".weight"] if splittable else [target.name]
 
     def matches(self, names, model_type: Optional[str]) -> bool:
         if self.model_types and (model_type or "").lower() not in {m.lower() for m in self.model_types}:
@@ -146,7 +166,7 @@ def rules_from_layer_specs(specs: list[LayerSpec]) -> list[Rule]:
             options["grad_allreduce"] = True
         for pattern in spec.patterns:
             rules.append(Rule(pattern, spec.partition_type, options, f"layer_specs[{index}]", "match",
-                              tuple(spec.model_types) if spec.model_types else None))
+                              tuple(spec.model_types) if spec.model_types else None, key=pattern))
     return rules
 
 
@@ -169,11 +189,29 @@ HF_STYLES = {
 
 
 def _tp_plan_key_to_regex(key: str) -> str:
+    """HF's reading: `*` stands for a layer index, the key names the whole module path."""
     return re.escape(key).replace(r"\*", r"\d+")
 
 
-def rules_from_tp_plan(plan: dict, prefix: str = "") -> list[Rule]:
-    """HF `base_model_tp_plan` keys are relative to the base model (`prefix`), `model._tp_plan` keys are full."""
+def _deepspeed_key_regexes(key: str) -> list[str]:
+    """Readings of a key written for DeepSpeed, tried in order after HF's: a glob at any depth (`*.q_proj`,
+    `q_proj`, `layers.*.self_attn.o_proj`: `*` is any run of characters, `.` a dot), then the key as a regex
+    with a `.*` prefix (`.*\\.q_proj`), as DeepSpeed matches its patterns."""
+    readings = [r"(?:.*\.)?" + re.escape(key).replace(r"\*", ".*")]
+    try:
+        re.compile(key)
+        readings.append(".*" + key)
+    except re.error:
+        pass
+    return readings
+
+
+def rules_from_tp_plan(plan: dict, prefix: str = "", names: Optional[list[str]] = None) -> list[Rule]:
+    """HF `base_model_tp_plan` keys are relative to the base model (`prefix`), `model._tp_plan` keys are full.
+
+    With the model's module `names`, a key that names no module as HF reads it is read as DeepSpeed does
+    (`_deepspeed_key_regexes`): plans written for DeepSpeed (`*.q_proj`) once matched nothing here and the run
+    trained fully replicated."""
     rules = []
     for key, style in plan.items():
         if style not in HF_STYLES:
@@ -181,21 +219,32 @@ def rules_from_tp_plan(plan: dict, prefix: str = "") -> list[Rule]:
                             f"{sorted(HF_STYLES)}. Override it with tensor_parallel.partition_config.layer_specs")
         autotp_style, options = HF_STYLES[style]
         full_key = f"{prefix}.{key}" if prefix and not key.startswith(prefix + ".") else key
-        rules.append(Rule(_tp_plan_key_to_regex(full_key), autotp_style, dict(options), f"tp_plan:{style}", "full"))
+        regex = _tp_plan_key_to_regex(full_key)
+        if names is not None and not any(re.fullmatch(regex, name) for name in names):
+            regex = next((r for r in _deepspeed_key_regexes(key) if any(re.fullmatch(r, n) for n in names)), regex)
+        rules.append(Rule(regex, autotp_style, dict(options), f"tp_plan:{style}", "full", key=key))
     return rules
 
 
 def hf_tp_plan(model) -> tuple[dict, str]:
-    """The model's own plan: `model._tp_plan` (full names) or `config.base_model_tp_plan` (base-relative)."""
-    plan = getattr(model, "_tp_plan", None)
-    if plan:
-        return dict(plan), ""
+    """The model's own plan with full module paths: the config's `base_model_tp_plan` (base-relative, so the
+    base model's prefix is put in front), then the class's `_tp_plan`, then the instance's `_tp_plan`; a later
+    source wins per key and comes first in the returned order, so its rules are tried first (DeepSpeed merges
+    them the same way; an instance plan once replaced the other two entirely)."""
     config = getattr(model, "config", None)
     base_plan = getattr(config, "base_model_tp_plan", None) if config is not None else None
-    if base_plan:
-        prefix = getattr(model, "base_model_prefix", "") if hasattr(model, getattr(model, "base_model_prefix", "") or "\0") else ""
-        return dict(base_plan), prefix
-    return {}, ""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix or not hasattr(model, prefix):
+        prefix = ""
+    sources = [{(f"{prefix}.{k}" if prefix and not k.startswith(prefix + ".") else k): v
+                for k, v in (base_plan or {}).items()},
+               dict(getattr(type(model), "_tp_plan", None) or {}),
+               dict(vars(model).get("_tp_plan") or {})]
+    merged: dict = {}
+    for source in reversed(sources):  # instance first
+        for key, style in source.items():
+            merged.setdefault(key, style)
+    return merged, ""
 
 
 # Heuristics: the projection that returns to the residual stream is row-parallel, the rest column.
@@ -248,7 +297,7 @@ def build_rules(model, targets: list[Target], dims: ModelDims, preset_model: Opt
         return rules, "partition_config" if partition is not None and partition.layer_specs else f"preset:{preset}"
     plan, prefix = hf_tp_plan(model)
     if plan:
-        return rules_from_tp_plan(plan, prefix), "tp_plan"
+        return rules_from_tp_plan(plan, prefix, [t.name for t in targets]), "tp_plan"
     preset = preset_name_for(dims.model_type)
     if preset:
         return rules_from_preset(preset), f"preset:{preset}"
@@ -404,29 +453,70 @@ def _falcon_blocks(logical, dims: ModelDims, where: str):
     return None, 0, [(logical[0], 3 * hd)]
 
 
-def _layout(target: Target, rule: Rule, dims: ModelDims, tp: int) -> tuple[ShardLayout, int, int]:
+def head_split(dims: ModelDims, tp: int) -> str:
+    """How attention heads are cut over `tp` ranks (see `local_heads`).
+
+    even: tp divides the query and the KV heads. replicate: tp divides the query heads and is a multiple of
+    kv_heads < tp, so each KV head lives on tp / kv_heads ranks. groups: anything else, cut as DeepSpeed AutoTP
+    cuts it (`tp_shard.get_shard_size`): whole KV groups (a KV head and its query heads) per rank, the first
+    kv_heads % tp ranks one group more, so a rank may hold no head at all. Falcon's fused grouped q/k/v cannot
+    replicate a KV head, so it always takes groups.
+    """
+    q, kv = dims.q_heads, dims.kv_heads or dims.q_heads
+    if not q or (q % tp == 0 and kv % tp == 0):
+        return "even"
+    if q % tp == 0 and kv < tp and tp % kv == 0 and dims.falcon_layout != "grouped":
+        return "replicate"
+    return "groups"
+
+
+def local_heads(dims: ModelDims, tp: int, rank: int) -> tuple[int, int]:
+    """(query heads, KV heads) TP rank `rank` computes attention over; a replicated KV head counts once.
+    16 q / 4 KV heads over 3 ranks: (8, 2), (4, 1), (4, 1); 16 q / 2 KV: (8, 1), (8, 1), (0, 0)."""
+    kv = dims.kv_heads or dims.q_heads
+    split = head_split(dims, tp)
+    if split == "even":
+        return dims.q_heads // tp, kv // tp
+    if split == "replicate":
+        return dims.q_heads // tp, 1
+    groups = split_sizes(kv, tp)[rank]
+    return groups * (dims.q_heads // kv), groups
+
+
+def layout_for(target: Target, rule: Rule, dims: ModelDims, tp: int) -> tuple[ShardLayout, int, int]:
     where = f"layer '{target.name}' ({rule.source}, {rule.style})"
     view, dim, blocks_spec = _blocks_for(target, rule, dims, tp, where)
     blocks, replicas = [], 1
-    allow_uneven = rule.style in ("vocab",) or (rule.style == "column" and target.name.endswith(("lm_head", "embed_out")))
+    hd, kv = dims.head_dim, dims.kv_heads or dims.q_heads
+    split = head_split(dims, tp) if hd else "even"
     for size, unit in blocks_spec:
         if size % unit:
             raise PlanError(f"{where}: sub-parameter of size {size} is not a whole number of units of {unit}")
         units = size // unit
         pieces = tp
-        if units % tp:
-            is_kv_block = (unit == dims.head_dim and dims.kv_heads < dims.q_heads and units == dims.kv_heads)
-            if is_kv_block and tp % units == 0:
-                # Fewer KV heads than ranks: each rank keeps the one KV head its query heads use.
-                pieces, replicas = units, tp // units
-            elif allow_uneven and unit == 1:
-                pieces = tp
-            else:
-                raise PlanError(
-                    f"{where}: {units} {'heads (or head groups)' if unit > 1 else 'features'} of width {unit} (size {size}) cannot be "
-                    f"split evenly over tp_size {tp}" + ("" if unit == 1 else "; heads are never split") +
-                    (f". KV heads ({dims.kv_heads}) are replicated only when tp_size is a multiple of them"
-                     if unit == dims.head_dim and dims.kv_heads < dims.q_heads else ""))
+        head_block = bool(hd) and unit % hd == 0
+        if head_block and split == "groups" and (units == kv or (unit == hd and units == dims.q_heads)):
+            if dims.q_heads % kv:
+                raise PlanError(f"{where}: {dims.q_heads} query heads do not form whole groups over {kv} KV heads")
+            if unit == hd and units == dims.q_heads:
+                unit = dims.q_heads // kv * hd  # query heads move with their KV head: whole groups per rank
+        elif units % tp == 0:
+            pass
+        elif head_block and split == "replicate" and unit == hd and units == kv:
+            # Fewer KV heads than ranks: each rank keeps the one KV head its query heads use.
+            pieces, replicas = units, tp // units
+        elif head_block:
+            raise PlanError(
+                f"{where}: {units} heads (or head groups) of width {unit} (size {size}) cannot be split over "
+                f"tp_size {tp}; heads are never split, and this sub-parameter is neither the query heads "
+                f"({dims.q_heads}) nor the KV heads ({kv}) that autotp cuts in whole KV groups")
+        elif target.kind == "param":
+            # 3-D expert weights feed HF's grouped expert GEMM (torch._grouped_mm), which needs 16-byte aligned
+            # strides: 100 features over 3 ranks leave 33 fp32 (132 bytes) on two of them.
+            raise PlanError(f"{where}: {units} expert features (size {size}) cannot be split evenly over tp_size "
+                            f"{tp}; expert weights are split evenly only (grouped expert GEMMs need aligned strides)")
+        # Otherwise plain features (unit 1, or a granularity that is no head): uneven pieces, the first
+        # (units % tp) pieces one unit larger (shard.split_sizes), 129 over 2 -> 65, 64.
         blocks.append(Block(size, pieces, unit))
     if view is None and target.kind == "conv1d":
         storage_dim = _storage_dim(target, dim)
@@ -438,13 +528,16 @@ def _layout(target: Target, rule: Rule, dims: ModelDims, tp: int) -> tuple[Shard
 
 
 def resolve_plan(targets: list[Target], rules: list[Rule], dims: ModelDims, tp: int,
-                 strict: bool = False) -> dict[str, Action]:
-    """First matching rule wins per target. Returns actions for every target a rule touches."""
+                 strict: bool = False, param_names: Optional[dict] = None) -> dict[str, Action]:
+    """First matching rule wins per target. Returns actions for every target a rule touches.
+
+    `param_names`: module name -> names of its direct parameters (what a DeepSpeed skip spec can name)."""
     actions: dict[str, Action] = {}
     unmatched = []
+    param_names = param_names or {}
     for target in targets:
-        names = [target.name, target.name + ".weight"] if target.kind != "param" else [target.name]
-        rule = next((r for r in rules if r.matches(names, dims.model_type)), None)
+        rule = next((r for r in rules
+                     if r.matches(r.names_for(target, param_names.get(target.name, ())), dims.model_type)), None)
         if rule is None:
             if target.kind in ("linear", "conv1d") and target.in_block:
                 unmatched.append(target.name)
@@ -452,14 +545,15 @@ def resolve_plan(targets: list[Target], rules: list[Rule], dims: ModelDims, tp: 
         action = Action(target, rule.style, rule.source, grad_allreduce=bool(rule.options.get("grad_allreduce")))
         if rule.style in ("column", "row", "vocab", "embed_dim"):
             if target.kind == "module":
-                raise PlanError(f"layer '{target.name}' ({rule.source}) is a {rule.style} rule but the module has "
-                                "no weight that autotp can split (expected Linear, Conv1D, Embedding or a parameter)")
+                raise PlanError(f"layer '{target.name}' ({rule.source}, '{rule.key or rule.pattern}') is a "
+                                f"{rule.style} rule but the module has no weight that autotp can split (expected "
+                                "Linear, Conv1D, Embedding, a module with its own 2-D weight, or a parameter)")
             if rule.style in ("vocab", "embed_dim") and target.kind != "embedding":
                 raise PlanError(f"layer '{target.name}' ({rule.source}): style {rule.style} applies to embeddings")
-            action.layout, action.weight_dim, action.kv_replicas = _layout(target, rule, dims, tp)
+            action.layout, action.weight_dim, action.kv_replicas = layout_for(target, rule, dims, tp)
             action.gather_output = bool(rule.options.get("gather_output"))
             action.split_input = bool(rule.options.get("split_input"))
-        elif rule.style == "experts" and target.kind != "module":
+        elif rule.style == "experts" and target.kind not in ("module", "linear_like"):
             continue
         actions[target.name] = action
     if strict and unmatched:

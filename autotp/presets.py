@@ -114,8 +114,10 @@ ATTENTION_ATTRIBUTES = {
 
 # Per-family extras (data): attention modules that read head counts from `self.config` in forward get a
 # config view with local counts; ALiBi families get their per-head bias tensor sliced to the local heads.
+# no_zero_heads: the attention forward divides by its local head count (Bloom's and Falcon's _merge_heads,
+# Falcon's grouped _split_heads), so a split that leaves a rank without heads is refused for them.
 FAMILY_OPTIONS = {
     "phi3": {"config_view": True},
-    "bloom": {"alibi_kwarg": "alibi"},
-    "falcon": {"alibi_kwarg": "alibi"},
+    "bloom": {"alibi_kwarg": "alibi", "no_zero_heads": True},
+    "falcon": {"alibi_kwarg": "alibi", "no_zero_heads": True},
 }

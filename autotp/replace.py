@@ -18,10 +18,11 @@ import torch.nn as nn
 from . import comm
 from .config import PartitionConfig, parse_partition_config
 from .groups import ParallelGroups, build_groups, groups_from_mesh, groups_from_tp_group
-from .layers import (KERNELS, ColumnParallelEmbeddingMixin, ColumnParallelLinear, InputCopies, RowParallelLinear,
-                     TPExpertsMixin, VocabParallelEmbeddingMixin, mix_into)
-from .plan import (Action, ModelDims, PlanError, Rule, Target, build_rules, format_plan, model_dims, resolve_plan,
-                   rules_from_tp_plan)
+from .layers import (KERNELS, ColumnParallelEmbeddingMixin, ColumnParallelLinear, ColumnParallelLinearLikeMixin,
+                     InputCopies, RowParallelLinear, RowParallelLinearLikeMixin, TPExpertsMixin,
+                     VocabParallelEmbeddingMixin, mix_into)
+from .plan import (Action, ModelDims, PlanError, Rule, Target, build_rules, format_plan, local_heads,
+                   layout_for, model_dims, resolve_plan, rules_from_tp_plan)
 from .presets import ATTENTION_ATTRIBUTES, FAMILY_OPTIONS, PRESETS
 from .shard import ShardLayout, shard_tensor
 
@@ -64,8 +65,17 @@ def collect_targets(model: nn.Module) -> list[Target]:
             for pname, param in module.named_parameters(recurse=False):
                 if param.dim() == 3:
                     targets.append(Target(f"{name}.{pname}", "param", tuple(param.shape), in_block(name)))
-            targets.append(Target(name, "module", (), in_block(name)))
+            weight = module._parameters.get("weight")
+            if weight is not None and weight.dim() == 2:
+                targets.append(Target(name, "linear_like", tuple(weight.shape), in_block(name)))
+            else:
+                targets.append(Target(name, "module", (), in_block(name)))
     return targets
+
+
+def direct_param_names(model: nn.Module) -> dict[str, tuple]:
+    """Module name -> its own parameters' names (what a DeepSpeed skip spec can name)."""
+    return {name: tuple(n for n, _ in module.named_parameters(recurse=False)) for name, module in model.named_modules()}
 
 
 def _resolve_groups(tp_size, tp_group, device_mesh) -> ParallelGroups:
@@ -166,6 +176,8 @@ class _Sharder:
         module = modules[target.name]
         if target.kind == "embedding":
             return self._embedding(module, action)
+        if target.kind == "linear_like":
+            return self._linear_like(module, action)
         weight = self.shard_param(module.weight, layout, target.name + ".weight")
         bias = None
         if getattr(module, "bias", None) is not None:
@@ -185,6 +197,30 @@ class _Sharder:
             if bias is not None:
                 self.kv_replica_grad_sum(bias, _bias_layout(layout))
         return tuple(weight.shape)
+
+    def _linear_like(self, module: nn.Module, action: Action) -> tuple:
+        """A module of its own class with a Linear-layout `weight`: shard it in place and wrap its forward."""
+        name, layout = action.target.name, action.layout
+        bias = module._parameters.get("bias")
+        if action.style == "row" and bias is not None:
+            raise PlanError(f"layer '{name}' ({type(module).__name__}) cannot be row-parallel: its own forward adds "
+                            "its bias, which would then be added on every TP rank; make it column-parallel or skip it")
+        module.weight = self.shard_param(module.weight, layout, name + ".weight")
+        if bias is not None and action.style == "column":
+            if bias.dim() != 1 or bias.shape[0] != layout.full_size:
+                raise PlanError(f"layer '{name}' ({type(module).__name__}): bias of shape {list(bias.shape)} does not "
+                                f"follow the {layout.full_size} output features of its weight")
+            module.bias = self.shard_param(bias, _bias_layout(layout), name + ".bias")
+        module.autotp_group = self.groups.tp_group
+        if action.style == "column":
+            mix_into(module, ColumnParallelLinearLikeMixin)
+            if action.gather_output:
+                module.autotp_gather_sizes = [layout.local_size(r) for r in range(layout.tp_size)]
+        else:
+            mix_into(module, RowParallelLinearLikeMixin)
+        if action.kv_replicas > 1:
+            self.kv_replica_grad_sum(module.weight, layout)
+        return tuple(module.weight.shape)
 
     def _embedding(self, module: nn.Embedding, action: Action) -> tuple:
         layout = action.layout
@@ -208,30 +244,52 @@ class _Sharder:
 
 
 def _localise_attention(model: nn.Module, actions: dict[str, Action], dims: ModelDims, tp: int, hooks: list):
-    """Set head counts on attention modules whose query heads are now split (see presets.ATTENTION_ATTRIBUTES)."""
+    """Set head counts on attention modules whose query heads are now split (see presets.ATTENTION_ATTRIBUTES):
+    this rank's own counts (`plan.local_heads`), which differ between ranks when the heads do not split evenly;
+    a rank holding no head runs its attention over zero heads (zero-width q/k/v, o_proj still all-reduces)."""
     if tp == 1 or not dims.q_heads:
         return
-    split_parents: dict[str, int] = {}
+    split_parents = []
     for name, action in actions.items():
-        if action.style != "column" or action.gather_output or action.target.kind not in ("linear", "conv1d"):
+        if action.layout is None or action.target.kind not in ("linear", "conv1d"):
             continue
-        if action.layout is None or not any(b.unit % dims.head_dim == 0 for b in action.layout.blocks):
+        if action.gather_output or action.split_input:
             continue
         parent = name.rpartition(".")[0]
-        split_parents[parent] = max(split_parents.get(parent, 1), action.kv_replicas)
-    family = FAMILY_OPTIONS.get(dims.model_type, {})
-    q_local = dims.q_heads // tp
-    for parent, kv_replicas in split_parents.items():
+        if any(b.unit % dims.head_dim == 0 for b in action.layout.blocks):
+            if action.style == "column" and parent not in split_parents:
+                split_parents.append(parent)
+            continue
         module = model.get_submodule(parent) if parent else model
-        kv_local = max(dims.kv_heads // tp, 1) if dims.kv_heads else q_local
-        values = {"q": q_local, "kv": kv_local, "groups": q_local // kv_local, "q_width": q_local * dims.head_dim}
+        sizes = [action.layout.local_size(r) for r in range(tp)]
+        holds_heads = any(isinstance(getattr(module, attr, None), int) for attr in ATTENTION_ATTRIBUTES)
+        if holds_heads and any(size % dims.head_dim for size in sizes):
+            raise PlanError(f"layer '{name}' ({action.source}) splits {action.layout.full_size} features of attention "
+                            f"module '{parent}' into {sizes} over tp_size {tp}, across heads of width "
+                            f"{dims.head_dim}; give its rule \"unit\": \"head\" or gather its output")
+    family = FAMILY_OPTIONS.get(dims.model_type, {})
+    rank = model.autotp_state.groups.tp_rank
+    heads = [local_heads(dims, tp, r) for r in range(tp)]
+    q_local, kv_local = heads[rank]
+    q_start = sum(q for q, _ in heads[:rank])
+    kv = dims.kv_heads or dims.q_heads
+    empty = [r for r, (q, _) in enumerate(heads) if q == 0]
+    if empty and split_parents and family.get("no_zero_heads"):
+        raise PlanError(f"'{split_parents[0]}': {dims.q_heads} query heads in {kv} KV groups over tp_size {tp} leave "
+                        f"TP ranks {empty} without heads (whole KV groups per rank), and {dims.model_type}'s "
+                        f"attention cannot run over zero heads; choose a tp_size of at most {kv}")
+    values = {"q": q_local, "kv": kv_local, "groups": q_local // kv_local if kv_local else dims.q_heads // kv,
+              "q_width": q_local * dims.head_dim}
+    for parent in split_parents:
+        module = model.get_submodule(parent) if parent else model
         for attr, kind in ATTENTION_ATTRIBUTES.items():
             if isinstance(getattr(module, attr, None), int) and not isinstance(getattr(module, attr), bool):
                 setattr(module, attr, values[kind])
         if family.get("config_view") and getattr(module, "config", None) is not None:
             module.config = LocalConfigView(module.config, num_attention_heads=q_local, num_key_value_heads=kv_local)
         if family.get("alibi_kwarg"):
-            hooks.append(module.register_forward_pre_hook(_alibi_slicer(dims.q_heads, tp, model), with_kwargs=True))
+            hooks.append(module.register_forward_pre_hook(_alibi_slicer(dims.q_heads, q_start, q_local),
+                                                          with_kwargs=True))
 
 
 class LocalConfigView:
@@ -251,26 +309,25 @@ class LocalConfigView:
         setattr(object.__getattribute__(self, "_base"), name, value)
 
 
-def _alibi_slicer(global_heads: int, tp: int, model):
-    """ALiBi biases and 4-D masks are built for all heads at model level; keep this rank's heads."""
-    local = global_heads // tp
+def _alibi_slicer(global_heads: int, start: int, local: int):
+    """ALiBi biases and 4-D masks are built for all heads at model level; keep this rank's heads
+    [start, start + local) (uneven splits give ranks different counts)."""
 
-    def slice_heads(tensor, rank):
+    def slice_heads(tensor):
         if not torch.is_tensor(tensor):
             return tensor
         if tensor.dim() == 3 and tensor.size(0) % global_heads == 0:  # [batch * heads, 1, kv]
             batch = tensor.size(0) // global_heads
             view = tensor.view(batch, global_heads, *tensor.shape[1:])
-            return view[:, rank * local:(rank + 1) * local].reshape(batch * local, *tensor.shape[1:])
+            return view[:, start:start + local].reshape(batch * local, *tensor.shape[1:])
         if tensor.dim() == 4 and tensor.size(1) == global_heads:  # [batch, heads, q, kv]
-            return tensor[:, rank * local:(rank + 1) * local]
+            return tensor[:, start:start + local]
         return tensor
 
     def hook(module, args, kwargs):
-        rank = comm.group_rank(model.autotp_state.groups.tp_group)
         for key in ("alibi", "attention_mask"):
             if key in kwargs:
-                kwargs[key] = slice_heads(kwargs[key], rank)
+                kwargs[key] = slice_heads(kwargs[key])
         return args, kwargs
 
     return hook
@@ -295,6 +352,66 @@ def _vocab_parallel_rules(model: nn.Module) -> list:
     if isinstance(embedding, nn.Embedding) and id(embedding) in names:
         rules.append(Rule(re.escape(names[id(embedding)]), "vocab", {}, "vocab_parallel", match="full"))
     return rules
+
+
+def _check_plan_shards(actions: dict[str, Action], rules: list[Rule], source: str, tp: int) -> None:
+    """At TP > 1 a plan that splits nothing is a mistake (its keys name no layer), never a silently replicated
+    run: raise naming the keys."""
+    own = [rule for rule in rules if rule.source != "vocab_parallel"]
+    if not own or any(a.source != "vocab_parallel" and a.style != "skip" for a in actions.values()):
+        return
+    keys = list(dict.fromkeys(rule.key or rule.pattern for rule in own))
+    raise PlanError(f"the sharding plan ({source}) splits no layer at tp_size {tp}: none of its keys "
+                    f"{keys[:12]}{' ...' if len(keys) > 12 else ''} matches a layer autotp can split (Linear, "
+                    "Conv1D, Embedding, a module with its own 2-D weight, or a 3-D parameter). Check the names with "
+                    "print(model); HF tp_plan keys are module paths ('model.layers.*.self_attn.q_proj'), "
+                    "layer_specs patterns are parameter names ('.*\\.q_proj\\.weight$')")
+
+
+def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(weight parameter) -> names of every module holding it as its `weight` (tied weights: several)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is not None and name not in owners.get(id(weight), []):
+            owners.setdefault(id(weight), []).append(name)
+    return owners
+
+
+def _keep_ties(model: nn.Module, actions: dict[str, Action], targets: list[Target], dims: ModelDims, tp: int):
+    """A weight shared by several modules (tied input embedding and LM head) must be split the same way in all of
+    them. When the plan splits one side only, the vocabulary split is extended to the other (a head split over
+    the vocabulary with its output gathered, an embedding split over the vocabulary: both exact); any other
+    mismatch raises. Before, the head became a (vocab/tp, hidden) shard beside a whole embedding and the pair
+    silently came apart after the first step."""
+    by_name = {target.name: target for target in targets}
+
+    def split(name):
+        action = actions.get(name)
+        return action is not None and action.layout is not None
+
+    for names in _weight_owners(model).values():
+        if len(names) < 2 or all(split(n) for n in names) or not any(split(n) for n in names):
+            continue
+        done = [n for n in names if split(n)]
+        for name in (n for n in names if not split(n)):
+            target, other = by_name.get(name), actions[done[0]]
+            wanted = {"embedding": "vocab", "linear": "column"}.get(target.kind if target else "")
+            extended = None
+            if wanted and other.style in ("vocab", "column") and other.weight_dim == 0:
+                rule = Rule(re.escape(name), wanted, {}, f"tied to {done[0]}", "full")
+                layout, weight_dim, replicas = layout_for(target, rule, dims, tp)
+                if layout == other.layout:
+                    extended = Action(target, wanted, rule.source, layout, weight_dim, gather_output=wanted == "column",
+                                      kv_replicas=replicas)
+            if extended is None:
+                raise PlanError(f"layers {names} share one weight (tied), but the plan splits '{done[0]}' "
+                                f"({other.style}, {other.source}) and leaves '{name}' whole; split both the same way "
+                                "(e.g. both over the vocabulary: vocab_parallel_loss) or neither, or untie them "
+                                "(config.tie_word_embeddings = False)")
+            actions[name] = extended
+            logger.info("autotp: '%s' shares its weight with '%s' and is split the same way (%s)", name, done[0],
+                        extended.style)
 
 
 def _share_input_copies(model: nn.Module, hooks: list) -> None:
@@ -345,17 +462,24 @@ def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, 
     dims = model_dims(config)
     targets = collect_targets(model)
     strict = False
-    if isinstance(partition_config, dict) and partition_config and all(
+    if groups.tp_size == 1:
+        # TP=1 is plain data parallelism: no plan is needed, so none is built (a model the heuristics cannot
+        # place once raised PlanError here).
+        rules, source = [], "tp_size 1: nothing sharded"
+    elif isinstance(partition_config, dict) and partition_config and all(
             isinstance(v, str) for v in partition_config.values()):
-        rules, source = rules_from_tp_plan(partition_config), "tp_plan(argument)"
+        rules, source = rules_from_tp_plan(partition_config, names=[t.name for t in targets]), "tp_plan(argument)"
     else:
         partition = parse_partition_config(partition_config) if not isinstance(partition_config, PartitionConfig) \
             else partition_config
         strict = bool(partition and partition.strict_mode)
         rules, source = build_rules(model, targets, dims, preset_model and preset_model.lower(), partition)
-    if vocab_parallel:
+    if vocab_parallel and groups.tp_size > 1:
         rules = _vocab_parallel_rules(model) + rules
-    actions = resolve_plan(targets, rules, dims, groups.tp_size, strict=strict)
+    actions = resolve_plan(targets, rules, dims, groups.tp_size, strict=strict, param_names=direct_param_names(model))
+    if groups.tp_size > 1:
+        _check_plan_shards(actions, rules, source, groups.tp_size)
+        _keep_ties(model, actions, targets, dims, groups.tp_size)
     _check_family(model, dims, groups.tp_size)
 
     sharder = _Sharder(model, groups, dims)

@@ -417,6 +417,8 @@ def _load_optimizer(engine, reader: _Reader, meta: dict) -> None:
 
     def old_flat(old_tp_rank: int, name: str, numel: int) -> dict:
         out = {}
+        if numel == 0:  # an empty shard (a TP rank holding no head) has no slice in any optimizer file
+            return out
         for start, length, values in pieces(old_tp_rank, name):
             for key, value in values.items():
                 out.setdefault(key, torch.empty(numel, dtype=value.dtype))[start:start + length] = value
@@ -441,8 +443,10 @@ def _load_optimizer(engine, reader: _Reader, meta: dict) -> None:
                     old_layout, full_shape = _layout_from_data(info["layout"]), info["full_shape"]
                     per_rank = [old_flat(r, name, int(torch.Size(local_shape(old_layout, full_shape, r)).numel()))
                                 for r in range(old_tp)]
+                dtypes = {key: value.dtype for flat in per_rank for key, value in flat.items()}
                 cache[name] = {key: _reshard(name, meta, target, tp_rank,
-                                             lambda r, k=key: per_rank[r][k]).reshape(-1) for key in per_rank[0]}
+                                             lambda r, k=key, d=dtype: per_rank[r].get(k, torch.empty(0, dtype=d))
+                                             ).reshape(-1) for key, dtype in dtypes.items()}
         values = cache[name]
         if values["master"].numel() != numel:
             raise CheckpointError(f"checkpoint '{reader.path}': parameter '{name}' has {values['master'].numel()} "
@@ -456,6 +460,8 @@ def _load_optimizer(engine, reader: _Reader, meta: dict) -> None:
                               f"param groups, this optimizer has {len(optimizer.param_groups)}")
     with torch.no_grad():
         for name, start, length, tensor, offset in store.optimizer_slices():
+            if length == 0:  # an empty shard: its element state is created empty below
+                continue
             values = fetch(name, numel_of[name])
             state = optimizer.state[tensor]
             tensor.view(-1)[offset:offset + length].copy_(values["master"][start:start + length])

@@ -116,7 +116,7 @@ class _GatherMatmuls(torch.autograd.Function):
         sizes = _sizes(x_full.shape[SEQ_DIM], ctx.group)
         dx = fused.matmul_reduce(pairs, ctx.group, scatter=True, gemm=ctx.gemm, defer_join=True) if pairs else None
         x_2d = x_full.reshape(-1, x_full.shape[-1])
-        grad_ws = [None if g is None else weight_grad(g.reshape(-1, g.shape[-1]), x_2d, m.conv1d, ctx.gemm)
+        grad_ws = [None if g is None else weight_grad(g.flatten(0, -2), x_2d, m.conv1d, ctx.gemm)
                    for g, m in zip(grad_ys, ctx.layers)]
         if pairs:
             fused.join(ctx.group, x_full.device)

@@ -8,15 +8,23 @@ tensor the loss builds is one fp32 [tokens, vocab / tp] softmax (Llama-3 at seq 
 the 2.1 GB of full fp32 logits on every rank).
 
 `enable_vocab_parallel_loss(model)` switches the model over: its own `forward(input_ids, labels=...)` keeps
-returning the same `loss` (HF's label shift, ignore_index, mean over tokens or sum / num_items_in_batch), while
-`outputs.logits` of that call is the rank's vocabulary slice. A forward without labels (the caller computes its
-own loss, or generates) gathers full logits, so it means what it means on the dense model; `with
-full_logits(model):` gathers them always.
+returning the same `loss` (HF's label shift, ignore_index, mean over tokens or sum / num_items_in_batch), and
+`outputs.logits` still means the full logits. A forward without labels (the caller computes its own loss, or
+generates) gathers them in the LM head; `with full_logits(model):` gathers them always.
+
+Logits of a call with labels: the output object holds the rank's vocabulary slice and all-gathers the full
+logits (autograd-aware, cached) the first time user code reads them: `outputs.logits`, `outputs["logits"]`, an
+integer index or slice that covers them, `items()`, `values()`, `to_tuple()`, pickling. A training step that
+reads only the loss never builds a full-vocabulary tensor. Reading is a TP collective: every rank of the TP group
+must read them, in the same order as its other collectives (SPMD, like the forward itself). Where one rank may
+read alone (evaluation, prediction, generation: eval mode or `torch.no_grad()`) they are gathered eagerly in
+the forward instead, and so is a `return_dict=False` tuple (a tuple cannot defer).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 
@@ -140,12 +148,118 @@ def _labels_position(model: nn.Module) -> int | None:
 
 
 def _gather_unless_labels(head: ColumnParallelLinear, position, model, args, kwargs):
-    """Forward pre-hook: logits stay sliced for a call that computes its loss here (labels given), and are
-    gathered otherwise, or always inside `full_logits`."""
+    """Forward pre-hook: the LM head's output stays sliced for a call that computes its loss here (labels
+    given; `_full_logits_when_read` then hands out full logits), and is gathered otherwise, or always inside
+    `full_logits`."""
     labels = kwargs.get("labels")
     if labels is None and position is not None and len(args) > position:
         labels = args[position]
     head.gather_output = head.autotp_full_logits > 0 or labels is None
+
+
+def _gather_vocab(gather_args, logits_v: torch.Tensor) -> torch.Tensor:
+    """Full logits from every rank's vocabulary slice (uneven sizes allowed); backward keeps this rank's slice."""
+    group, sizes, order = gather_args
+    logits = comm.gather_from_tp(logits_v, group, sizes)
+    return logits.index_select(-1, order) if order is not None else logits
+
+
+class _VocabShardedOutput:
+    """Mixin of an HF ModelOutput whose `logits` field holds this rank's vocabulary slice until user code reads
+    it: then the full logits are all-gathered (a TP collective: every rank of the group must read) and cached in
+    the field, after which the object is an ordinary ModelOutput. Paths that need no logits (`["loss"]`,
+    `.loss`, `outputs[0]` with a loss, `keys()`) never gather."""
+
+    __slots__ = ()
+    _autotp_base: type
+
+    def _autotp_gather(self) -> None:
+        gather_args = self.__dict__.pop("_autotp_vocab_gather", None)
+        if gather_args is not None:
+            self["logits"] = _gather_vocab(gather_args, self.__dict__["logits"])
+
+    @property
+    def logits(self):
+        self._autotp_gather()
+        return self.__dict__.get("logits")
+
+    @logits.setter
+    def logits(self, value):  # ModelOutput.__setitem__/__setattr__ end here: the value is the full logits
+        self.__dict__["logits"] = value
+        self.__dict__.pop("_autotp_vocab_gather", None)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key == "logits":
+                self._autotp_gather()
+            rename = getattr(self, "_replace_old_cache_name", None)  # ModelOutput's would read items()
+            return dict.__getitem__(self, rename(key) if rename else key)
+        names = list(self.keys())[key]  # ModelOutput indexes to_tuple(), which would read every field
+        return self[names] if isinstance(names, str) else tuple(self[name] for name in names)
+
+    def get(self, key, default=None):
+        if key == "logits":
+            self._autotp_gather()
+        return super().get(key, default)
+
+    def items(self):
+        self._autotp_gather()
+        return super().items()
+
+    def values(self):
+        self._autotp_gather()
+        return super().values()
+
+    def __reduce__(self):  # copy / pickle: the full logits, rebuilt as the model's own output class
+        self._autotp_gather()
+        _, args, *remaining = super().__reduce__()
+        return (self._autotp_base, args, *remaining)
+
+    def __repr__(self):  # printing on one rank must not start a collective
+        if "_autotp_vocab_gather" not in self.__dict__:
+            return super().__repr__()
+        shown = [f"logits=<vocabulary slice {tuple(self.__dict__['logits'].shape)}, gathered when read>"
+                 if field.name == "logits" else f"{field.name}={self.__dict__.get(field.name)!r}"
+                 for field in dataclasses.fields(self)]
+        return f"{self._autotp_base.__qualname__}({', '.join(shown)})"
+
+
+_SHARDED_OUTPUT_CLASSES: dict = {}
+
+
+def _sharded_output_class(base: type) -> type:
+    """`base` with `_VocabShardedOutput` mixed in; one class per output type (HF registers each as a pytree
+    node by name)."""
+    cls = _SHARDED_OUTPUT_CLASSES.get(base)
+    if cls is None:
+        cls = type(f"VocabSharded{base.__name__}", (_VocabShardedOutput, base),
+                   {"__module__": __name__, "_autotp_base": base})
+        _SHARDED_OUTPUT_CLASSES[base] = cls
+    return cls
+
+
+def _full_logits_when_read(head: ColumnParallelLinear, model, args, output):
+    """Forward hook: where the LM head kept its vocabulary slice (a call with labels), `outputs.logits` still
+    reads as the full logits: gathered when first read in training, gathered now in eval mode or under
+    no_grad (a single rank may read them there) and for a tuple output."""
+    if head.gather_output:
+        return None
+    gather_args = (head.tp_group, head.gather_sizes, head.gather_order)
+    if type(output) is tuple:
+        return tuple(_gather_vocab(gather_args, value) if torch.is_tensor(value) and value.dim() > 1 and
+                     value.shape[-1] == head.out_features else value for value in output)
+    if not (isinstance(output, dict) and dataclasses.is_dataclass(output)) or output.get("logits") is None or \
+            isinstance(output, _VocabShardedOutput):
+        return None
+    if torch.is_grad_enabled() and model.training:
+        try:
+            output.__class__ = _sharded_output_class(type(output))
+            output.__dict__["_autotp_vocab_gather"] = gather_args
+            return None
+        except TypeError:  # an output class whose layout forbids the swap (__slots__): gather now
+            pass
+    output["logits"] = _gather_vocab(gather_args, output["logits"])
+    return None
 
 
 def enable_vocab_parallel_loss(model: nn.Module) -> None:
@@ -156,6 +270,7 @@ def enable_vocab_parallel_loss(model: nn.Module) -> None:
         head.autotp_full_logits = 0
         model.register_forward_pre_hook(functools.partial(_gather_unless_labels, head, _labels_position(model)),
                                         with_kwargs=True)
+        model.register_forward_hook(functools.partial(_full_logits_when_read, head))
         model.autotp_vocab_hook = True
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else \
         model.config.vocab_size

@@ -5,6 +5,7 @@ x: [..., in], W: [out, in] (nn.Linear layout). dgrad: dx = dy @ W; wgrad: dW = d
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -12,10 +13,15 @@ import torch
 from .gemm import matmul
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., F] as [rows, F]; explicit sizes because reshape(-1, 0) is ambiguous (an empty TP shard has F = 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 class TritonLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-        x_2d = x.reshape(-1, x.shape[-1])
+        x_2d = _rows(x)
         y = matmul(x_2d, weight.t())
         if bias is not None:
             y += bias
@@ -26,14 +32,14 @@ class TritonLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight = ctx.saved_tensors
-        dy_2d = dy.reshape(-1, dy.shape[-1])
+        dy_2d = _rows(dy)
         if dy_2d.stride(-1) != 1:
             dy_2d = dy_2d.contiguous()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = matmul(dy_2d, weight).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            dw = matmul(dy_2d.t(), x.reshape(-1, x.shape[-1]))
+            dw = matmul(dy_2d.t(), _rows(x))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy_2d.sum(0)
         return dx, dw, db

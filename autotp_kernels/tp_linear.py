@@ -37,7 +37,7 @@ def weight_grad(dy_2d, x_2d, conv1d: bool, gemm: str):
 
 
 def _as_2d(t):
-    t = t.reshape(-1, t.shape[-1])
+    t = t.flatten(0, -2)  # not reshape(-1, F): ambiguous for an empty TP shard (F = 0)
     return t if t.stride(-1) == 1 else t.contiguous()
 
 

@@ -24,7 +24,8 @@ _FAILING = {
     "bad_scheduler": ({}, {**_GOOD, "scheduler": {"type": "OneCycle", "params": {}}}),
     "bad_layer_spec": ({}, {**_GOOD, "tensor_parallel": {"autotp_size": 2, "partition_config": {
         "layer_specs": [{"patterns": [".*o_proj"], "partition_type": "diagonal"}]}}}),
-    "heads_not_divisible": ({"num_attention_heads": 3, "num_key_value_heads": 3, "hidden_size": 48}, _GOOD),
+    "not_whole_heads": ({}, {**_GOOD, "tensor_parallel": {"autotp_size": 2, "partition_config": {"layer_specs": [
+        {"patterns": [r".*self_attn\.q_proj\.weight$"], "partition_type": "column", "shape": [[40, 24], -1]}]}}}),
 }
 
 
@@ -79,9 +80,9 @@ def test_errors_are_raised_on_every_rank(world_size=2):
     assert rank0["bad_scheduler"][0] == "ConfigError" and "'scheduler.type' = 'OneCycle'" in rank0["bad_scheduler"][1]
     kind, message = rank0["bad_layer_spec"]
     assert kind == "ConfigError" and "layer_specs[0].partition_type' = 'diagonal'" in message
-    kind, message = rank0["heads_not_divisible"]
+    kind, message = rank0["not_whole_heads"]
     assert kind == "PlanError"
-    assert "model.layers.0.self_attn.q_proj" in message and "3 heads" in message and "tp_size 2" in message
+    assert "model.layers.0.self_attn.q_proj" in message and "size 40" in message and "units of 16" in message
 
     assert len(rank0["unused_warnings"]) == 1 and "wall_clock_breakdown" in rank0["unused_warnings"][0]
     assert rank1["unused_warnings"] == []

@@ -122,24 +122,21 @@ def test_kv_heads_replicated_when_fewer_than_tp():
         assert [kv.layout.local_ranges(r) for r in range(4)] == [[(0, 16)], [(0, 16)], [(16, 16)], [(16, 16)]]
 
 
-def test_heads_not_divisible_names_module_and_sizes():
+def test_heads_not_divisible_split_unevenly_on_head_boundaries():
+    # 6 heads over tp 4: 2, 2, 1, 1 whole heads (tests/test_uneven.py runs such splits against the dense model).
     model = _model("llama", num_attention_heads=6, num_key_value_heads=6, hidden_size=96)
-    with pytest.raises(PlanError) as info:
-        _resolve(model, 4, preset="llama")
-    message = str(info.value)
-    assert "model.layers.0.self_attn.q_proj" in message
-    assert "6 heads" in message and "width 16" in message and "size 96" in message and "tp_size 4" in message
+    actions, _ = _resolve(model, 4, preset="llama")
+    q = _by_suffix(actions, "self_attn.q_proj")
+    assert [q.layout.local_size(r) for r in range(4)] == [32, 32, 16, 16]
 
 
-def test_kv_heads_not_replicable_explains_why():
-    # 3 KV heads over tp 2: neither divisible nor a divisor of tp.
+def test_kv_heads_not_replicable_split_in_whole_groups():
+    # 3 KV heads over tp 2: neither divisible nor a divisor of tp, so DeepSpeed's rule: 2 groups, then 1.
     dims = ModelDims("llama", q_heads=6, kv_heads=3, head_dim=16, hidden=96)
     targets = [Target("model.layers.0.self_attn.k_proj", "linear", (48, 96), True)]
-    with pytest.raises(PlanError) as info:
-        resolve_plan(targets, rules_from_tp_plan({"model.layers.*.self_attn.k_proj": "colwise"}), dims, 2)
-    message = str(info.value)
-    assert "model.layers.0.self_attn.k_proj" in message and "3 heads" in message and "tp_size 2" in message
-    assert "KV heads (3)" in message
+    action = resolve_plan(targets, rules_from_tp_plan({"model.layers.*.self_attn.k_proj": "colwise"}), dims, 2)
+    k = action["model.layers.0.self_attn.k_proj"]
+    assert (k.layout.local_ranges(0), k.layout.local_ranges(1), k.kv_replicas) == ([(0, 32)], [(32, 16)], 1)
 
 
 # ---- layer_specs: DeepSpeed's sub-parameter shapes --------------------------------------------------------

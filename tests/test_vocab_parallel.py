@@ -80,7 +80,7 @@ def _model_level(rank, world_size, family):
     sgd_step(dense, model)
     full = autotp.consolidated_state_dict(model)
     return dict(loss=out.loss.detach(), ref=ref.loss.detach(), items=loss_items, ref_items=ref_items,
-                local_vocab=out.logits.shape[-1], saved_vocab=max(s[-1] for s in largest if len(s) > 1),
+                logits=out.logits.detach(), saved_vocab=max(s[-1] for s in largest if len(s) > 1),
                 saved_with_full_vocab=[s for s in largest if VOCAB in s], gathered=gathered,
                 ref_logits=ref.logits.detach(), full=full, dense=dense.state_dict())
 
@@ -91,7 +91,8 @@ def test_model_loss_and_step_match_dense(family, world_size):
     result = run_distributed(world_size, _model_level, family)[0]
     torch.testing.assert_close(result["loss"], result["ref"], rtol=1e-5, atol=0)
     torch.testing.assert_close(result["items"], result["ref_items"], rtol=1e-5, atol=0)
-    assert result["local_vocab"] <= -(-VOCAB // world_size)  # outputs.logits is this rank's vocabulary slice
+    # outputs.logits of the labelled call reads as the full logits (eval mode: gathered after the loss)
+    torch.testing.assert_close(result["logits"], result["ref_logits"], rtol=1e-5, atol=1e-5)
     assert not result["saved_with_full_vocab"], result["saved_with_full_vocab"]  # no full-vocabulary tensor kept
     torch.testing.assert_close(result["gathered"], result["ref_logits"], rtol=1e-5, atol=1e-5)
     for name, expected in result["dense"].items():
@@ -108,12 +109,13 @@ def _engine_config(rank, world_size):
     out = engine(input_ids=ids, labels=ids)
     engine.backward(out.loss)
     engine.step()
-    return out.logits.shape[-1], float(out.loss.detach())
+    return out.logits.shape[-1], float(out.loss.detach()), engine.module.lm_head.weight.shape[0]
 
 
 def test_engine_config_key():
     results = run_distributed(2, _engine_config)
-    assert [r[0] for r in results] == [52, 51]  # 103 split unevenly
+    assert [r[2] for r in results] == [52, 51]  # the LM head: 103 split unevenly
+    assert [r[0] for r in results] == [103, 103]  # outputs.logits read after a labelled call: gathered
     assert results[0][1] == results[1][1]
 
 
@@ -134,18 +136,23 @@ def _auto_default(rank, world_size):
         with_labels = engine(input_ids=ids, labels=ids)
         without = engine(input_ids=ids)  # the caller's own loss or generation: full logits, as on the dense model
         positional = engine.module(ids, None, None, None, None, ids)  # labels passed by position
+        positional_sliced = not engine.module.lm_head.gather_output  # the pre-hook saw the labels
         ref = dense(input_ids=ids, labels=ids)
     classifier = AutoModelForSequenceClassification.from_config(tiny_config("llama", num_labels=3))
     decided = autotp.parallelize(classifier, tp_size=2, verbose=False, vocab_parallel="auto")
-    return dict(sliced=with_labels.logits.shape[-1], loss=with_labels.loss, ref_loss=ref.loss,
-                full=without.logits, ref_logits=ref.logits, positional=positional.logits.shape[-1],
+    return dict(labelled=with_labels.logits, loss=with_labels.loss, ref_loss=ref.loss,
+                full=without.logits, ref_logits=ref.logits, positional=positional.logits,
+                positional_sliced=positional_sliced, head_split=engine.module.lm_head.weight.shape[0],
                 embedding_split=engine.module.get_input_embeddings().weight.shape[0],
                 classifier_has_head=decided.get_output_embeddings() is not None)
 
 
 def test_auto_default_turns_it_on_for_causal_lms_only():
     result = run_distributed(2, _auto_default)[0]
-    assert result["sliced"] == 52 and result["positional"] == 52 and result["embedding_split"] == 52
+    assert result["head_split"] == 52 and result["embedding_split"] == 52 and result["positional_sliced"]
+    # labels by keyword or by position: the vocab-parallel loss, and (no_grad) logits gathered after it
+    torch.testing.assert_close(result["labelled"], result["ref_logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result["positional"], result["ref_logits"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result["loss"], result["ref_loss"], rtol=1e-5, atol=0)
     assert result["full"].shape[-1] == VOCAB
     torch.testing.assert_close(result["full"], result["ref_logits"], rtol=1e-5, atol=1e-5)

@@ -31,8 +31,8 @@ def _param_groups(model):
     return [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _reference(family: str, dp: int, gas: int):
-    model = tiny_model(family)
+def _reference(family: str, dp: int, gas: int, overrides: dict = None):
+    model = tiny_model(family, **(overrides or {}))
     optimizer = torch.optim.AdamW(_param_groups(model), lr=LR, eps=1e-3)
     norms = []
     for step in range(STEPS):
@@ -44,10 +44,10 @@ def _reference(family: str, dp: int, gas: int):
     return model.state_dict(), norms
 
 
-def _train(family: str, tp: int, dp: int, stage: int, gas: int, tp_options: dict = None):
+def _train(family: str, tp: int, dp: int, stage: int, gas: int, tp_options: dict = None, overrides: dict = None):
     import autotp
 
-    model = tiny_model(family)
+    model = tiny_model(family, **(overrides or {}))
     optimizer = torch.optim.AdamW(_param_groups(model), lr=LR, eps=1e-3)
     config = {"train_batch_size": MICRO * gas * dp, "train_micro_batch_size_per_gpu": MICRO,
               "gradient_clipping": CLIP, "tensor_parallel": {"autotp_size": tp, **(tp_options or {})},
