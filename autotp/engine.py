@@ -29,7 +29,7 @@ from .config import AutoTPConfig, ConfigError, load_config_dict, parse_config
 from .groups import (ParallelGroups, build_groups, groups_from_mesh, groups_from_mpu, groups_from_tp_group,
                      init_distributed)
 from .loss_scaler import LossScaler
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, prefer_fused
 from .replace import parallelize, set_kernels
 from .vocab_parallel import enable_vocab_parallel_loss, vocab_parallel_wanted
 from .zero.partitioned import PartitionedState
@@ -423,6 +423,7 @@ def initialize(model=None, optimizer=None, model_parameters=None, lr_scheduler=N
         optimizer = optimizer([mapping.get(id(p), p) for p in (model_parameters or original.values())])
     elif optimizer is not None:
         _remap_optimizer(optimizer, mapping)
+        prefer_fused(optimizer)
     elif cfg.optimizer is not None:
         source = model_parameters if model_parameters is not None else original.values()
         source = list(source)

@@ -24,6 +24,26 @@ def fused_by_default(tensors) -> bool:
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def prefer_fused(optimizer) -> bool:
+    """Switch a user-built torch Adam/AdamW to torch's fused kernel where the user left `fused` and `foreach`
+    unset, every parameter is a floating CUDA tensor and no step has run yet: what the config's `optimizer` section
+    already gets (`build_optimizer`). On H200 at TP=2 the foreach path's passes over the fp32 masters took ~33 ms
+    of a 132 ms step (issue 19's profile). Same update, same hyper-parameters; any other optimizer, or an explicit
+    choice, is left alone. Returns whether it switched."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.state:
+        return False
+    groups = optimizer.param_groups
+    if any(g.get("fused") is not None or g.get("foreach") is not None or g.get("differentiable") for g in groups):
+        return False
+    if not fused_by_default([p for g in groups for p in g["params"]]):
+        return False
+    for group in groups:
+        group["fused"], group["foreach"] = True, False
+    optimizer.defaults.update(fused=True, foreach=False)
+    optimizer._step_supports_amp_scaling = True  # what Adam.__init__ sets for fused
+    return True
+
+
 def build_optimizer(spec: OptimizerConfig, params) -> torch.optim.Optimizer:
     params_cfg = dict(spec.params)
     kind = spec.type.lower()

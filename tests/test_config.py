@@ -386,6 +386,28 @@ def test_adam_is_fused_for_floating_cuda_tensors_only():
     assert _build("AdamW", {"lr": 1e-3}).param_groups[0]["fused"] in (None, False)  # CPU: torch's default
 
 
+def test_user_adamw_object_takes_the_fused_kernel_unless_the_user_chose():
+    from types import SimpleNamespace
+
+    from autotp.optim import prefer_fused
+
+    def built(cls=torch.optim.AdamW, device="cuda:0", **kwargs):
+        optimizer = cls([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, **kwargs)
+        # only .device and .dtype are read: no GPU needed
+        optimizer.param_groups[0]["params"] = [SimpleNamespace(device=torch.device(device), dtype=torch.float32)]
+        return optimizer
+
+    optimizer = built()
+    assert prefer_fused(optimizer) and optimizer.param_groups[0]["fused"] and not optimizer.param_groups[0]["foreach"]
+    assert prefer_fused(built(torch.optim.Adam))
+    for kept in (built(foreach=True), built(fused=False), built(device="cpu"), built(torch.optim.SGD)):
+        before = dict(kept.param_groups[0])
+        assert not prefer_fused(kept) and kept.param_groups[0] == before
+    stepped = built()
+    stepped.state["x"] = {"step": 1}
+    assert not prefer_fused(stepped)
+
+
 def test_adam_w_mode_false_is_plain_adam():
     optimizer = _build("Adam", {"lr": 1e-3, "adam_w_mode": False, "torch_adam": True, "weight_decay": 0.1})
     assert type(optimizer) is torch.optim.Adam
