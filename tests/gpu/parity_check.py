@@ -67,7 +67,7 @@ def uneven_training():
     check("losses", all(abs(a - b) <= RTOL * abs(b) for a, b in zip(losses, ref_losses)), f"{losses} vs {ref_losses}")
     state = engine.consolidated_state_dict()
     if dist.get_rank() == 0:
-        worst = max(((state[k].float() - v.float()).norm() / v.float().norm().clamp_min(1e-12)).item()
+        worst = max(((state[k].float().cpu() - v.float().cpu()).norm() / v.float().cpu().norm().clamp_min(1e-12)).item()
                     for k, v in dense.state_dict().items())
         check("weights after 3 steps", worst <= RTOL, f"max relative error {worst:.2e}")
 
