@@ -91,3 +91,18 @@ def test_train_cli_zero2_checkpoint_resume(tmp_path):
     assert sorted(os.listdir(stopped / "checkpoints")) == ["global_step2", "global_step4", "global_step6", "latest"]
     assert _losses(stopped) == _losses(through)
     assert [step for step, _ in _losses(stopped)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_train_cli_worker_failure_is_one_clear_last_line(tmp_path):
+    """A failure inside a worker (here: a model directory with a config and no weights, which only the workers'
+    from_pretrained finds out) prints that worker's traceback once, then names the rank and the error last."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                num_hidden_layers=1).save_pretrained(tmp_path / "no_weights")
+    result = _run(["-m", "autotp.train", "--steps", "1", "--nproc", "2", "--output", str(tmp_path / "run"),
+                   "--model", str(tmp_path / "no_weights")], 120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("autotp-train: rank ") and "failed: OSError" in lines[-1], lines[-3:]
+    assert result.stderr.count("Traceback") == 1, result.stderr
