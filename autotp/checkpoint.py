@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from . import comm
-from .shard import ShardLayout, local_shape, unshard_tensor
+from .collective_errors import raise_on_every_rank
+from .shard import ShardLayout, layout_of, local_shape, unshard_tensor
 
 
 def _global_rank() -> int:
@@ -47,9 +48,9 @@ def consolidated_state_dict(model: torch.nn.Module, group=None, to_cpu: bool = T
     for name, tensor in model.state_dict(keep_vars=True).items():
         key = id(tensor)
         if key not in done:
-            layout = getattr(tensor, "autotp_layout", None)
+            layout, full_shape = layout_of(tensor) or (None, None)
             if layout is not None and comm.group_size(group) > 1:
-                value = gather_full(tensor, layout, tensor.autotp_full_shape, group)
+                value = gather_full(tensor, layout, full_shape, group)
             else:
                 value = tensor.detach()
             done[key] = value.cpu().clone() if (keep and to_cpu) else value
@@ -91,18 +92,5 @@ def save_pretrained(model: torch.nn.Module, save_dir: str, dtype: Optional[torch
             commit_directory(tmp, save_dir)
         except Exception as err:  # report on every rank below instead of leaving the others waiting
             shutil.rmtree(tmp, ignore_errors=True)
-            error = f"save_pretrained('{save_dir}') failed on rank 0: {err!r}"
-    _raise_everywhere(error)
-
-
-def _raise_everywhere(error: Optional[str]) -> None:
-    """Raise on every rank if any rank has an error (the message travels from the first failing rank)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        if error:
-            raise RuntimeError(error)
-        return
-    messages = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, error)
-    failed = [m for m in messages if m]
-    if failed:
-        raise RuntimeError(failed[0])
+            error = RuntimeError(f"save_pretrained('{save_dir}') failed on rank 0: {err!r}")
+    raise_on_every_rank(error)

@@ -4,6 +4,9 @@ Each pair is named for its forward direction; the docstring gives both halves. E
 input untouched when the group has one rank, so TP=1 costs nothing. Uneven shards (a vocabulary that tp does
 not divide) are gathered by padding to the largest shard and trimming, so every rank issues one collective
 of one size.
+
+Two families: over features (the last dimension: column and row layers, the vocabulary) and over the sequence
+(`SEQ_DIM` of [batch, sequence, hidden] activations: sequence parallelism). `*_raw` helpers have no autograd.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .shard import split_sizes
+
+SEQ_DIM = 1
+"""The sequence dimension of [batch, sequence, hidden] activations, split under sequence parallelism."""
 
 # torch 2.13 renames the flat collectives (`*_single`) and warns on every call of the old names; torch 2.11 (the
 # GPU stack) has only the old ones. Same signatures: (output, input, [op], group, async_op).
@@ -130,3 +137,78 @@ def gather_from_tp(x_shard, group, sizes=None):
 
 def split_to_tp(x_full, group, sizes=None):
     return x_full if group_size(group) == 1 else _SplitToTP.apply(x_full, group, sizes)
+
+
+# Over the sequence (sequence parallelism). Any length works: rank r holds `sequence_sizes(length)[r]` positions.
+
+
+def sequence_sizes(length: int, group) -> list[int]:
+    """Each rank's share of a sequence of `length` (the first ranks one more when the group does not divide it)."""
+    return split_sizes(length, group_size(group))
+
+
+def reduce_scatter_sequence_raw(x_partial: torch.Tensor, group, sizes: Sequence[int]) -> torch.Tensor:
+    """Sum over `group` and keep this rank's sequence slice (no autograd)."""
+    if len(set(sizes)) == 1:
+        # the flat reduce-scatter splits dim 0: put the sequence first, contiguous.
+        seq_first = x_partial.transpose(0, SEQ_DIM).contiguous()
+        out = seq_first.new_empty((sizes[0],) + tuple(seq_first.shape[1:]))
+        reduce_scatter_flat(out, seq_first, group=group)
+        return out.transpose(0, SEQ_DIM).contiguous()
+    summed = all_reduce_raw(x_partial.clone(), group)  # uneven shards: all-reduce, then slice
+    return local_slice(summed, group, sizes, dim=SEQ_DIM)
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    """forward: keep this rank's sequence slice; backward: all-gather the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.sizes = group, sequence_sizes(x.shape[SEQ_DIM], group)
+        return local_slice(x, group, ctx.sizes, dim=SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_raw(grad.contiguous(), ctx.group, ctx.sizes, dim=SEQ_DIM), None
+
+
+class _GatherSequence(torch.autograd.Function):
+    """forward: all-gather the sequence; backward: reduce-scatter (consumers are TP layers holding partial input
+    gradients) or keep this rank's slice (a replicated consumer computes the whole gradient on every rank)."""
+
+    @staticmethod
+    def forward(ctx, x_shard, group, length: int, partial_grad: bool):
+        ctx.group, ctx.sizes, ctx.partial = group, sequence_sizes(length, group), partial_grad
+        return all_gather_raw(x_shard.contiguous(), group, ctx.sizes, dim=SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.partial:
+            return reduce_scatter_sequence_raw(grad, ctx.group, ctx.sizes), None, None, None
+        return local_slice(grad, ctx.group, ctx.sizes, dim=SEQ_DIM), None, None, None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """forward: sum partial outputs over TP, keep this rank's sequence slice; backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x_partial, group):
+        ctx.group, ctx.sizes = group, sequence_sizes(x_partial.shape[SEQ_DIM], group)
+        return reduce_scatter_sequence_raw(x_partial, group, ctx.sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_raw(grad.contiguous(), ctx.group, ctx.sizes, dim=SEQ_DIM), None
+
+
+def scatter_to_sequence(x, group):
+    return x if group_size(group) == 1 else _ScatterToSequence.apply(x, group)
+
+
+def gather_sequence(x_shard, group, length: int, partial_grad: bool):
+    """`length`: the whole sequence's; `partial_grad`: whether the consumers' input gradients are partial sums."""
+    return x_shard if group_size(group) == 1 else _GatherSequence.apply(x_shard, group, length, partial_grad)
+
+
+def reduce_scatter_sequence(x_partial, group):
+    return x_partial if group_size(group) == 1 else _ReduceScatterSequence.apply(x_partial, group)

@@ -81,10 +81,11 @@ def _config_dtype(cfg: AutoTPConfig) -> tuple[torch.dtype, str]:
     return torch.float32, "neither 'bf16.enabled' nor 'fp16.enabled' (fp32)"
 
 
-def merge_tp_model_init(recorded: TPModelInitArgs, raw: dict, cfg: AutoTPConfig, mpu, device_mesh) -> dict:
-    """The config dict with `tp_model_init`'s TP size merged in (`cfg` is `raw` parsed); a `ConfigError` naming
-    both sources on each conflict, as DeepSpeed's `initialize` raises."""
-    tp_section = dict(raw.get("tensor_parallel") or {})
+def check_tp_model_init(recorded: TPModelInitArgs, raw: dict, cfg: AutoTPConfig, mpu, device_mesh) -> None:
+    """Raise a `ConfigError` naming both sources on each conflict between `tp_model_init`'s arguments and the
+    config dict `raw` (`cfg`, parsed at the TP size the run uses), as DeepSpeed's `initialize` raises. The TP size
+    itself is merged by `topology.resolve_topology`: the config's when it gives one, else `recorded.tp_size`."""
+    tp_section = raw.get("tensor_parallel") or {}
     if recorded.tp_group is not None and (mpu is not None or device_mesh is not None):
         given = "mpu=" if mpu is not None else "device_mesh="
         raise ConfigError(f"tp_model_init(tp_group=...) and autotp.initialize({given}...) both give the TP group; "
@@ -100,6 +101,3 @@ def merge_tp_model_init(recorded: TPModelInitArgs, raw: dict, cfg: AutoTPConfig,
     if recorded.partition_config is not None and tp_section.get("partition_config") is not None:
         raise ConfigError("partition_config is given both to tp_model_init(partition_config=...) and as config key "
                           "'tensor_parallel.partition_config'; give it in one place")
-    if key is None:
-        tp_section["autotp_size"] = recorded.tp_size
-    return {**raw, "tensor_parallel": tp_section}

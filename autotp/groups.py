@@ -141,3 +141,20 @@ def groups_from_tp_group(tp_group) -> ParallelGroups:
         raise ConfigError(f"tp_group with ranks {dist.get_process_group_ranks(tp_group)} is not a block of "
                           f"consecutive ranks; pass mpu= or device_mesh= so autotp knows the DP groups too")
     return ParallelGroups(tp_group, built.dp_group, tp_size, dist.get_rank(tp_group), built.dp_size, built.dp_rank)
+
+
+def resolve_groups(tp_size: Optional[int] = None, *, device_mesh=None, mpu=None, tp_group=None) -> ParallelGroups:
+    """The TP and DP groups from the first source given: a DeviceMesh, a Megatron/DeepSpeed mpu, a TP group alone
+    (its DP groups: the ranks holding the same TP rank), else contiguous TP blocks of `tp_size` ranks (default 1).
+
+    A mesh or an mpu already holds its groups: reading them is no collective. The other two create groups, which
+    is collective over the default group: every rank must call this with the same arguments. Whether `tp_size`
+    agrees with a given source is the caller's check (`autotp.initialize` and `autotp.parallelize` word it
+    differently)."""
+    if device_mesh is not None:
+        return groups_from_mesh(device_mesh)
+    if mpu is not None:
+        return groups_from_mpu(mpu)
+    if tp_group is not None:
+        return groups_from_tp_group(tp_group)
+    return build_groups(tp_size or 1)

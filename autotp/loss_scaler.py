@@ -1,10 +1,22 @@
 """fp16 dynamic loss scaling with DeepSpeed's keys (loss_scale, initial_scale_power, loss_scale_window,
-hysteresis, min_loss_scale). The overflow decision is made by the engine over every rank (DP x TP) so all
-ranks skip the same steps."""
+hysteresis, min_loss_scale). The overflow decision is made over every rank (DP x TP) so all ranks skip the same
+steps (`unscale_or_skip`)."""
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
+
 from .config import ConfigError
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True on every rank if `flag` is true on any rank (one all-reduce over the default group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 class LossScaler:
@@ -25,6 +37,18 @@ class LossScaler:
     def from_config(cls, section: dict) -> "LossScaler":
         keys = ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
         return cls(**{k: section[k] for k in keys if k in section})
+
+    def unscale_or_skip(self, grads: list[torch.Tensor], device) -> bool:
+        """At a boundary, on the reduced (still scaled) gradients: whether they overflowed on any rank, agreed over
+        every rank (then every rank skips the step); if not, divide them by the scale. Updates the scale either
+        way. Reads one flag on the host per step."""
+        overflow = _any_rank(any(not torch.isfinite(g).all() for g in grads), device)
+        if not overflow:
+            inv = 1.0 / self.scale
+            for g in grads:
+                g.mul_(inv)
+        self.update(overflow)
+        return overflow
 
     def update(self, overflow: bool) -> None:
         """After a step: halve on overflow (after `hysteresis` overflows), double after `window` clean steps."""

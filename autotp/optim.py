@@ -1,4 +1,5 @@
-"""Optimizers and learning-rate schedules from the config's `optimizer` / `scheduler` sections.
+"""Optimizers and learning-rate schedules: the config's `optimizer` / `scheduler` sections, or the user's own,
+pointed at the sharded model (`prepare_optimizer`, `prepare_scheduler`).
 
 Schedules follow DeepSpeed's definitions of WarmupLR, WarmupDecayLR and WarmupCosineLR (the formulas, in
 our own code). Scheduler step k gives the formula at k (torch convention); DeepSpeed applies it one
@@ -8,10 +9,75 @@ optimizer step later during warm-up.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from .config import ConfigError, OptimizerConfig, SchedulerConfig
+
+
+def shards_by_id(unsharded: list[tuple[str, nn.Parameter]], model: nn.Module) -> dict[int, nn.Parameter]:
+    """id of each parameter the model had before sharding (`unsharded`: its named_parameters then) -> the
+    trainable parameter under the same name now (its TP shard). Frozen parameters are left out."""
+    now = dict(model.named_parameters())
+    trainable = {id(param) for param in now.values() if param.requires_grad}
+    return {id(param): now[name] for name, param in unsharded if name in now and id(now[name]) in trainable}
+
+
+def remap_optimizer(optimizer, shards: dict[int, nn.Parameter]) -> None:
+    """Point an optimizer built on the unsharded parameters at their shards (or fp32 masters)."""
+    for group in optimizer.param_groups:
+        group["params"] = [shards.get(id(p), p) for p in group["params"]]
+    if any(optimizer.state.values()):
+        raise ConfigError("the optimizer passed to autotp.initialize already holds state; build it before "
+                          "training starts (its state cannot be sharded)")
+    optimizer.state.clear()
+
+
+def prepare_optimizer(optimizer, spec: Optional[OptimizerConfig], unsharded: list[tuple[str, nn.Parameter]],
+                      model: nn.Module, model_parameters=None):
+    """The optimizer over the sharded model, from what `initialize` got, as DeepSpeed takes it:
+      - a callable building one (`optimizer=lambda params: ...`): called on the shards of `model_parameters`
+        (default: all parameters);
+      - a built torch optimizer: its param groups remapped onto the shards (`remap_optimizer`), and a plain
+        Adam/AdamW switched to torch's fused kernel on CUDA (`prefer_fused`);
+      - none, with the config's `optimizer` section (`spec`): built on the shards of `model_parameters` (a list
+        of parameters or of param-group dicts; default: all trainable parameters);
+      - none at all: None (an evaluation engine).
+    `unsharded` is the model's named_parameters before sharding."""
+    shards = shards_by_id(unsharded, model)
+    original = [param for _, param in unsharded]
+    if optimizer is not None and not callable(getattr(optimizer, "step", None)) and callable(optimizer):
+        return optimizer([shards.get(id(p), p) for p in (model_parameters or original)])
+    if optimizer is not None:
+        remap_optimizer(optimizer, shards)
+        prefer_fused(optimizer)
+        return optimizer
+    if spec is None:
+        return None
+    source = list(model_parameters if model_parameters is not None else original)
+    if source and isinstance(source[0], dict):
+        source = [dict(group, params=[shards.get(id(p), p) for p in group["params"]]) for group in source]
+    else:
+        source = [shards.get(id(p), p) for p in source if getattr(p, "requires_grad", True)]
+    return build_optimizer(spec, source)
+
+
+def prepare_scheduler(lr_scheduler, spec: Optional[SchedulerConfig], optimizer):
+    """The LR scheduler: a callable is called on the optimizer, a built one is kept, else the config's
+    `scheduler` section (`spec`) is built, else None. Call it after the ZeRO store took over the optimizer's
+    param groups."""
+    if optimizer is None:
+        if lr_scheduler is not None or spec is not None:
+            raise ConfigError("a learning-rate scheduler needs an optimizer: pass optimizer= to autotp.initialize "
+                              "or set the config key 'optimizer'")
+        return None
+    if lr_scheduler is not None and not hasattr(lr_scheduler, "step") and callable(lr_scheduler):
+        return lr_scheduler(optimizer)
+    if lr_scheduler is None and spec is not None:
+        return build_scheduler(spec, optimizer)
+    return lr_scheduler
 
 
 def fused_by_default(tensors) -> bool:

@@ -6,7 +6,7 @@ anchored at the end, so they apply to every layer index. Styles:
 - column / row: split output / input features of a Linear (Conv1D in GPT-2 is handled in Linear orientation).
 - packed: the split dimension holds this many equal sub-parameters (gate | up halves).
 - shape: sub-parameters along the split dimension; strings are sizes read from the model config:
-  "q" = heads * head_dim, "kv" = kv_heads * head_dim, "ffn" = intermediate size.
+  "q" = heads * head_dim, "kv" = kv_heads * head_dim.
 - unit: keep pieces in multiples of this width ("head" = head_dim, "head3" = 3 * head_dim for fused per-head
   q/k/v, "group" = (q_per_kv + 2) * head_dim for Falcon's grouped layout).
 - grad_allreduce: replicated parameters whose gradients differ per TP rank (per-head norms of local heads).
@@ -17,8 +17,6 @@ tp_plan (used when no preset or partition_config is given) may split them over t
 """
 
 from __future__ import annotations
-
-_ATTN = "self_attn"
 
 _LLAMA_ATTN = [
     (r"\.self_attn\.(q|k|v)_proj$", "column", {"unit": "head"}),
@@ -116,8 +114,11 @@ ATTENTION_ATTRIBUTES = {
 # config view with local counts; ALiBi families get their per-head bias tensor sliced to the local heads.
 # no_zero_heads: the attention forward divides by its local head count (Bloom's and Falcon's _merge_heads,
 # Falcon's grouped _split_heads), so a split that leaves a rank without heads is refused for them.
+# fused_qkv_unit: a fused q/k/v projection whose heads interleave [q_h k_h v_h] ("head3") when a plan names it
+# without a `shape` (GPT-NeoX's and Bloom's query_key_value).
 FAMILY_OPTIONS = {
     "phi3": {"config_view": True},
-    "bloom": {"alibi_kwarg": "alibi", "no_zero_heads": True},
+    "bloom": {"alibi_kwarg": "alibi", "no_zero_heads": True, "fused_qkv_unit": "head3"},
     "falcon": {"alibi_kwarg": "alibi", "no_zero_heads": True},
+    "gpt_neox": {"fused_qkv_unit": "head3"},
 }

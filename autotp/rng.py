@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .layers import ColumnParallelLinear, RowParallelLinear
+
 TP_SEED_OFFSET = 2718
 
 
@@ -104,10 +106,11 @@ def _first_tensor(value) -> Optional[torch.Tensor]:
     return None
 
 
-def enable_tp_dropout_streams(model: nn.Module, tp_rank: int, hooks: list, seed: Optional[int] = None) -> TPRandom:
-    """Install the stream switches on a TP-sharded model (see the module docstring); returns the stream."""
-    from .layers import ColumnParallelLinear, RowParallelLinear
-
+def enable_tp_dropout_streams(model: nn.Module, tp_rank: int, hooks: list,
+                              stack: Optional[nn.ModuleList] = None, seed: Optional[int] = None) -> TPRandom:
+    """Install the stream switches on a TP-sharded model (see the module docstring); returns the stream, also
+    kept as `model.autotp_rng` for checkpoints. `stack`: the decoder layers, whose ends switch back to the
+    replicated stream (None: the row layers' own switch suffices)."""
     rng = TPRandom(torch.initial_seed() if seed is None else seed, tp_rank)
 
     def to_local(module, args, output):
@@ -123,18 +126,12 @@ def enable_tp_dropout_streams(model: nn.Module, tp_rank: int, hooks: list, seed:
         rng.unpin()
 
     for module in model.modules():
-        if isinstance(module, ColumnParallelLinear) and not module.gather_output:
+        if isinstance(module, ColumnParallelLinear) and not module.mode.gather_output:
             hooks.append(module.register_forward_hook(to_local))
         elif isinstance(module, RowParallelLinear):
             hooks.append(module.register_forward_pre_hook(to_replicated))
-    try:
-        from .sequence_parallel import _decoder_layers
-
-        _, layers = _decoder_layers(model)
-        for layer in layers:
-            hooks.append(layer.register_forward_hook(to_replicated))
-    except ValueError:  # no decoder stack holding row layers: the row layers' own switch suffices
-        pass
+    for layer in stack if stack is not None else ():
+        hooks.append(layer.register_forward_hook(to_replicated))
 
     # An exception mid-forward must not leave the next forward on the per-rank stream.
     hooks.append(model.register_forward_pre_hook(reset))

@@ -5,11 +5,15 @@ v parts of a fused projection). Each block is split into `pieces` contiguous pie
 (a head's width, so heads never straddle ranks). When a block has fewer pieces than TP ranks (KV heads under
 GQA with num_key_value_heads < tp), `tp // pieces` consecutive ranks hold the same piece. A rank's shard is
 the concatenation of its piece of every block.
+
+A sharded parameter records its layout and unsharded shape once, through `mark_sharded`; `layout_of` reads it
+back (checkpoints, resharding, the gradient norm's count-once weights).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -124,3 +128,29 @@ def unshard_tensor(shards: list[torch.Tensor], layout: ShardLayout, full_shape) 
             out.narrow(layout.dim, start, length).copy_(shard.narrow(layout.dim, cursor, length))
             cursor += length
     return out.reshape(full_shape)
+
+
+class ParamShard(NamedTuple):
+    """How a parameter is cut over TP: its layout and the shape of the unsharded tensor."""
+
+    layout: ShardLayout
+    full_shape: tuple[int, ...]
+
+
+_SHARD_ATTRIBUTE = "_autotp_shard"  # the one attribute a sharded parameter carries; read only here
+
+
+def mark_sharded(param: torch.Tensor, layout: ShardLayout, full_shape) -> None:
+    """Record that `param` holds this rank's shard of a tensor of `full_shape` cut by `layout`."""
+    setattr(param, _SHARD_ATTRIBUTE, ParamShard(layout, tuple(full_shape)))
+
+
+def layout_of(param: torch.Tensor) -> Optional[ParamShard]:
+    """(layout, full_shape) of a sharded parameter; None for one replicated over TP."""
+    return getattr(param, _SHARD_ATTRIBUTE, None)
+
+
+def full_shape_of(param: torch.Tensor) -> tuple[int, ...]:
+    """The unsharded shape: the recorded one for a shard, the tensor's own for a replicated parameter."""
+    shard = layout_of(param)
+    return shard.full_shape if shard is not None else tuple(param.shape)

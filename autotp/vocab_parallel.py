@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from . import comm
 from .layers import ColumnParallelLinear
+from .linear_mode import LogitsGather
 
 
 class VocabParallelCrossEntropy(torch.autograd.Function):
@@ -121,7 +122,9 @@ def supports_vocab_parallel_loss(model: nn.Module) -> bool:
     head that is a linear layer and a forward that computes its loss through `self.loss_function` (the hook this
     module replaces; a model with its own cross-entropy would compute it on a vocabulary slice)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, (nn.Linear, ColumnParallelLinear)) or not hasattr(model, "loss_function"):
+    # Looked up on the class: reading `model.loss_function` runs transformers' property, which warns once per
+    # process ("`loss_type=None` ... unrecognized") on every rank for models such as GPT2LMHeadModel.
+    if not isinstance(head, (nn.Linear, ColumnParallelLinear)) or not hasattr(type(model), "loss_function"):
         return False
     try:
         source = inspect.getsource(type(model).forward)
@@ -147,21 +150,14 @@ def _labels_position(model: nn.Module) -> int | None:
     return names.index("labels") if "labels" in names else None
 
 
-def _gather_unless_labels(head: ColumnParallelLinear, position, model, args, kwargs):
+def _decide_logits_gather(logits_gather: LogitsGather, position, model, args, kwargs):
     """Forward pre-hook: the LM head's output stays sliced for a call that computes its loss here (labels
     given; `_full_logits_when_read` then hands out full logits), and is gathered otherwise, or always inside
     `full_logits`."""
     labels = kwargs.get("labels")
     if labels is None and position is not None and len(args) > position:
         labels = args[position]
-    head.gather_output = head.autotp_full_logits > 0 or labels is None
-
-
-def _gather_vocab(gather_args, logits_v: torch.Tensor) -> torch.Tensor:
-    """Full logits from every rank's vocabulary slice (uneven sizes allowed); backward keeps this rank's slice."""
-    group, sizes, order = gather_args
-    logits = comm.gather_from_tp(logits_v, group, sizes)
-    return logits.index_select(-1, order) if order is not None else logits
+    logits_gather.keep_slice = labels is not None
 
 
 class _VocabShardedOutput:
@@ -174,9 +170,9 @@ class _VocabShardedOutput:
     _autotp_base: type
 
     def _autotp_gather(self) -> None:
-        gather_args = self.__dict__.pop("_autotp_vocab_gather", None)
-        if gather_args is not None:
-            self["logits"] = _gather_vocab(gather_args, self.__dict__["logits"])
+        gather = self.__dict__.pop("_autotp_vocab_gather", None)  # the LM head's `gather`
+        if gather is not None:
+            self["logits"] = gather(self.__dict__["logits"])
 
     @property
     def logits(self):
@@ -238,15 +234,16 @@ def _sharded_output_class(base: type) -> type:
     return cls
 
 
-def _full_logits_when_read(head: ColumnParallelLinear, model, args, output):
+def _full_logits_when_read(head: ColumnParallelLinear, logits_gather: LogitsGather, model, args, output):
     """Forward hook: where the LM head kept its vocabulary slice (a call with labels), `outputs.logits` still
     reads as the full logits: gathered when first read in training, gathered now in eval mode or under
-    no_grad (a single rank may read them there) and for a tuple output."""
-    if head.gather_output:
+    no_grad (a single rank may read them there) and for a tuple output. Ends the call's gather decision."""
+    kept_slice = not logits_gather.gather
+    logits_gather.keep_slice = False
+    if not kept_slice:
         return None
-    gather_args = (head.tp_group, head.gather_sizes, head.gather_order)
     if type(output) is tuple:
-        return tuple(_gather_vocab(gather_args, value) if torch.is_tensor(value) and value.dim() > 1 and
+        return tuple(head.gather(value) if torch.is_tensor(value) and value.dim() > 1 and
                      value.shape[-1] == head.out_features else value for value in output)
     if not (isinstance(output, dict) and dataclasses.is_dataclass(output)) or output.get("logits") is None or \
             isinstance(output, _VocabShardedOutput):
@@ -254,24 +251,29 @@ def _full_logits_when_read(head: ColumnParallelLinear, model, args, output):
     if torch.is_grad_enabled() and model.training:
         try:
             output.__class__ = _sharded_output_class(type(output))
-            output.__dict__["_autotp_vocab_gather"] = gather_args
+            output.__dict__["_autotp_vocab_gather"] = head.gather
             return None
         except TypeError:  # an output class whose layout forbids the swap (__slots__): gather now
             pass
-    output["logits"] = _gather_vocab(gather_args, output["logits"])
+    output["logits"] = head.gather(output["logits"])
     return None
 
 
 def enable_vocab_parallel_loss(model: nn.Module) -> None:
-    """LM head output stays sharded over the vocabulary and the model's loss becomes vocab-parallel."""
+    """LM head output stays sharded over the vocabulary and the model's loss becomes vocab-parallel.
+
+    `parallelize(vocab_parallel=...)` builds the head with its `LogitsGather`; a head sharded over the
+    vocabulary without it (its output always gathered) gets a new mode here."""
     head = _head(model)
-    head.gather_output = False
-    if not getattr(model, "autotp_vocab_hook", False):
-        head.autotp_full_logits = 0
-        model.register_forward_pre_hook(functools.partial(_gather_unless_labels, head, _labels_position(model)),
-                                        with_kwargs=True)
-        model.register_forward_hook(functools.partial(_full_logits_when_read, head))
-        model.autotp_vocab_hook = True
+    logits_gather = head.mode.logits_gather
+    if logits_gather is None:
+        logits_gather = LogitsGather()
+        head.set_mode(dataclasses.replace(head.mode, gather_output=False, logits_gather=logits_gather))
+    if not logits_gather.model_hooks:
+        logits_gather.model_hooks = [
+            model.register_forward_pre_hook(functools.partial(_decide_logits_gather, logits_gather,
+                                                              _labels_position(model)), with_kwargs=True),
+            model.register_forward_hook(functools.partial(_full_logits_when_read, head, logits_gather))]
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else \
         model.config.vocab_size
     loss = VocabParallelCausalLMLoss(head, vocab)
@@ -284,12 +286,11 @@ def enable_vocab_parallel_loss(model: nn.Module) -> None:
 @contextlib.contextmanager
 def full_logits(model: nn.Module):
     """Within the block the LM head gathers full logits, labels or not (evaluation); the loss still works."""
-    head = _head(model)
-    before = head.gather_output
-    head.autotp_full_logits = getattr(head, "autotp_full_logits", 0) + 1
-    head.gather_output = True
+    logits_gather = _head(model).mode.logits_gather  # None: the head gathers on every call anyway
+    if logits_gather is not None:
+        logits_gather.forced += 1
     try:
         yield model
     finally:
-        head.autotp_full_logits -= 1
-        head.gather_output = before
+        if logits_gather is not None:
+            logits_gather.forced -= 1

@@ -25,8 +25,8 @@ _GPU_CONFIGS = [
     (64, 64, 32, 4, 4),
 ]
 _INTERPRET_CONFIGS = [(16, 32, 32, 1, 1)]
-# Below 1 GFLOP (under 2 us at H200's bf16 peak) the tile barely matters, while autotuning compiles all 8
-# configs per specialization: a tiny model's training on a cold Triton cache spent over 150 s doing that on H200.
+# Below 1 GFLOP (under 2 us at H200's bf16 peak) the tile barely matters, while autotuning compiles every one of the
+# _GPU_CONFIGS per specialization: a tiny model's training on a cold Triton cache spent over 150 s doing that on H200.
 SMALL_FLOPS = 1 << 30
 _SMALL_CONFIG = (64, 64, 32, 4, 3)
 

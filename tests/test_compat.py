@@ -76,6 +76,11 @@ def _tp_model_init(rank, world_size):
         return lambda: autotp.initialize(model=model, config={**base, **config}, **kwargs)
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    # The mesh gives the TP size and the config none: the batch-size rule runs at DP 2 (world 4 / TP 2). A batch of
+    # 2 is not divisible by micro 1 x DP 4, which a parse at TP 1 once rejected.
+    engine, _, _, _ = autotp.initialize(model=tiny_model("llama"), device_mesh=mesh, config={
+        "train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "optimizer": SGD})
+    out["mesh_batch"] = (engine.tp_world_size, engine.dp_world_size, engine.gradient_accumulation_steps)
     out["conflicts"] = {
         "tp_size": _conflict(initialize_after({"tp_size": 2}, {"tensor_parallel": {"autotp_size": 4}})),
         "dtype": _conflict(initialize_after({"tp_size": 2, "dtype": torch.float16}, {"bf16": {"enabled": True}})),
@@ -98,6 +103,7 @@ def test_tp_model_init_records_and_initialize_merges():
         assert out["config_plan"] == ("ColumnParallelLinear", "Linear")  # the config's attention-only plan
         assert out["sizes"] == (2, 2, "torch.bfloat16")
         assert out["init_plan"] == ("ColumnParallelLinear", "Linear") and out["group_used"]
+        assert out["mesh_batch"] == (2, 2, 1)
         conflicts = out["conflicts"]
         assert "'tensor_parallel.autotp_size' = 4" in conflicts["tp_size"] and \
             "tp_model_init(tp_size=2)" in conflicts["tp_size"], conflicts["tp_size"]

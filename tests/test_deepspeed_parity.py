@@ -38,7 +38,7 @@ def _engine_step(model, config, ids):
     loss = engine(input_ids=ids, labels=ids).loss
     engine.backward(loss)
     engine.step()
-    split = sorted(n for n, m in engine.module.named_modules() if hasattr(m, "layout") or hasattr(m, "autotp_group"))
+    split = sorted(n for n, m in engine.module.named_modules() if hasattr(m, "layout") or hasattr(m, "tp_shard"))
     return float(loss.detach()), engine.consolidated_state_dict(), split
 
 

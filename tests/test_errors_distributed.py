@@ -58,6 +58,14 @@ def _test_errors(rank, world_size):
     engine, *_ = autotp.initialize(model=tiny_model("llama"), config=_GOOD)
     ids = batch(seed=1 + rank)
     outcomes["different_batches"] = _outcome(lambda: engine(input_ids=ids, labels=ids))
+    # The helper behind these: one rank's error is raised on both ranks, same type and message; the first rank's
+    # error wins when several fail.
+    from autotp.collective_errors import raise_on_every_rank
+
+    outcomes["one_rank_fails"] = _outcome(
+        lambda: raise_on_every_rank(autotp.ConfigError("rank 1 only") if rank == 1 else None))
+    outcomes["both_fail"] = _outcome(lambda: raise_on_every_rank(ValueError(f"from rank {rank}")))
+    outcomes["none_fails"] = _outcome(lambda: raise_on_every_rank(None))
     # The group is still usable afterwards: nobody is stuck in a half-finished collective.
     total = torch.ones(1)
     torch.distributed.all_reduce(total)
@@ -90,4 +98,7 @@ def test_errors_are_raised_on_every_rank(world_size=2):
     assert rank0["same_batch"] is None and rank1["same_batch"] is None
     for outcome in (rank0["different_batches"], rank1["different_batches"]):
         assert outcome[0] == "RuntimeError" and "different batches" in outcome[1]
+    assert rank0["one_rank_fails"] == rank1["one_rank_fails"] == ("ConfigError", "rank 1 only")
+    assert rank0["both_fail"] == rank1["both_fail"] == ("ValueError", "from rank 0")
+    assert rank0["none_fails"] is None and rank1["none_fails"] is None
     assert rank0["after"] == rank1["after"] == 2.0

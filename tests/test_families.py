@@ -37,6 +37,7 @@ def _compare_family(family: str, mode: str, tp: int, device: str = "cpu", overri
     """Dense vs TP on `device` (tests/gpu/nccl_core_check.py runs it on CUDA); results on global rank 0.
     `overrides` change the tiny config (tests/test_world8.py: 8 query heads for TP=8)."""
     import autotp
+    from autotp.shard import layout_of
 
     dense = tiny_model(family, **(overrides or {})).eval().to(device)
     model = copy.deepcopy(dense)
@@ -64,7 +65,7 @@ def _compare_family(family: str, mode: str, tp: int, device: str = "cpu", overri
             if diff > worst:
                 worst_name, worst = name, diff
         result.update(worst_param=worst_name, worst_excess=worst,
-                      sharded=sum(hasattr(p, "autotp_layout") for p in model.parameters()))
+                      sharded=sum(layout_of(p) is not None for p in model.parameters()))
     return result
 
 

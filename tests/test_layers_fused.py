@@ -25,11 +25,11 @@ def _train(rank, world_size, family, kernels, sequence_parallel):
     fused.TUNING.emulate = True
     fused.TUNING.min_bytes = 0
     used = set()
-    from autotp import sequence_parallel as sp_module
+    from autotp import layers
 
     functions = {name: getattr(tp_linear, name) for name in ("RowLinearAllReduce", "ColumnLinearGradAllReduce",
                                                               "RowLinearReduceScatter")}
-    functions["_GatherMatmuls"] = sp_module._GatherMatmuls
+    functions["_GatherMatmuls"] = layers._GatherMatmuls
     for name, function in functions.items():
         original = function.apply
 

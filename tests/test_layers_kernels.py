@@ -23,7 +23,9 @@ def _train(rank, world_size, family, kernels):
     config = {"train_micro_batch_size_per_gpu": 2, "tensor_parallel": {"autotp_size": 2, "kernels": kernels},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "eps": 1e-3}}}
     engine, _, _, _ = autotp.initialize(model=model, config=config)
-    kinds = {m.kernels for m in engine.module.modules() if hasattr(m, "kernels")}
+    from autotp.linear_mode import LinearMode
+
+    kinds = {m.mode.kernels for m in engine.module.modules() if isinstance(getattr(m, "mode", None), LinearMode)}
     return engine_losses(engine), engine.consolidated_state_dict(), kinds
 
 

@@ -191,6 +191,9 @@ def _load_damaged(rank, world, ckpt_dir, damage):
     try:
         engine.load_checkpoint(ckpt_dir, tag=damage.get("tag"))
     except RuntimeError as err:
+        from autotp import CheckpointError
+
+        assert isinstance(err, CheckpointError), repr(err)  # README: "fails on every rank with a CheckpointError"
         return str(err)
     return None
 

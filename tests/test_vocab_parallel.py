@@ -135,8 +135,11 @@ def _auto_default(rank, world_size):
     with torch.no_grad():
         with_labels = engine(input_ids=ids, labels=ids)
         without = engine(input_ids=ids)  # the caller's own loss or generation: full logits, as on the dense model
+        head_widths = []  # the LM head's output features per call
+        record = engine.module.lm_head.register_forward_hook(lambda m, a, out: head_widths.append(out.shape[-1]))
         positional = engine.module(ids, None, None, None, None, ids)  # labels passed by position
-        positional_sliced = not engine.module.lm_head.gather_output  # the pre-hook saw the labels
+        record.remove()
+        positional_sliced = head_widths == [engine.module.lm_head.weight.shape[0]]  # the pre-hook saw the labels
         ref = dense(input_ids=ids, labels=ids)
     classifier = AutoModelForSequenceClassification.from_config(tiny_config("llama", num_labels=3))
     decided = autotp.parallelize(classifier, tp_size=2, verbose=False, vocab_parallel="auto")

@@ -20,11 +20,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..collective_errors import first_error
 from ..comm import all_gather_flat, reduce_scatter_flat
 from ..config import ConfigError
 
 logger = logging.getLogger("autotp")
-
 
 
 class TorchBackend:
@@ -119,12 +119,10 @@ def make_backend(name: str, group, device: torch.device):
     if name == "torch":
         return TorchBackend(group, device)
     module, why = _load_extension(device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        reasons = [None] * dist.get_world_size()
-        dist.all_gather_object(reasons, why)
-        why = next((r for r in reasons if r), None)
-    if why is None:
+    unavailable = first_error(None if why is None else ImportError(why))  # the first rank's reason, on every rank
+    if unavailable is None:
         return NcclExtBackend(group, device, module)
+    why = str(unavailable)
     if name == "nccl_ext":
         raise ConfigError(f"config key 'zero_optimization.comm_backend' = 'nccl_ext': the autotp C++/NCCL "
                           f"extension is not available: {why}")

@@ -13,15 +13,17 @@ from typing import Union
 import torch
 import torch.nn as nn
 
+from ..shard import layout_of
+
 
 def count_once_weights(param: nn.Parameter, tp_rank: int) -> Union[float, torch.Tensor]:
     """A scalar weight for the whole local tensor, or a flat tensor of per-element weights (KV replicas)."""
-    layout = getattr(param, "autotp_layout", None)
+    layout, full_shape = layout_of(param) or (None, None)
     if layout is None:
         return 1.0 if tp_rank == 0 else 0.0
     if all(block.pieces == layout.tp_size for block in layout.blocks):
         return 1.0
-    shape = list(layout.view) if layout.view is not None else list(param.autotp_full_shape)
+    shape = list(layout.view) if layout.view is not None else list(full_shape)
     shape[layout.dim] = layout.local_size(tp_rank)
     weights = torch.empty(shape, dtype=torch.float32, device=param.device)
     cursor = 0

@@ -26,6 +26,8 @@ from .norm import count_once_weights, weighted_sumsq
 
 
 class PartitionedState:
+    """The `ZeroStore` of stages 1 and 2 (see `zero/__init__.py`)."""
+
     def __init__(self, params: list[nn.Parameter], names: list[str], optimizer, groups, zero_cfg, stage: int,
                  gradient_accumulation_steps: int, device: torch.device):
         self.stage = stage

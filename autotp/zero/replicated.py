@@ -14,6 +14,8 @@ from .norm import count_once_weights, weighted_sumsq
 
 
 class ReplicatedState:
+    """The `ZeroStore` of stage 0 (see `zero/__init__.py`)."""
+
     stage = 0
 
     def __init__(self, params: list[nn.Parameter], names: list[str], optimizer, groups, bucket_size: int,
@@ -30,6 +32,7 @@ class ReplicatedState:
             for group in optimizer.param_groups:
                 group["params"] = [master_of.get(id(p), p) for p in group["params"]]
         self._weights = [count_once_weights(p, groups.tp_rank) for p in params]
+        self.hooks: list = []  # none: gradients are summed after backward (`end_backward`), not by hooks
 
     @property
     def trained(self) -> list[nn.Parameter]:

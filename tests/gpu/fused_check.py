@@ -21,7 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from autotp import comm  # noqa: E402
-from autotp.sequence_parallel import SEQ_DIM, _GatherSequence, _ReduceScatterSequence  # noqa: E402
+from autotp.comm import SEQ_DIM, _GatherSequence, _ReduceScatterSequence  # noqa: E402
 from autotp_kernels import fused, symm  # noqa: E402
 from autotp_kernels.tp_linear import (ColumnLinearAllGather, ColumnLinearGradAllReduce,  # noqa: E402
                                       RowLinearAllReduce, RowLinearReduceScatter)

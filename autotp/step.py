@@ -1,0 +1,65 @@
+"""The optimizer step at a gradient-accumulation boundary, in order:
+  1. the ZeRO store finishes the DP reduction (stage 0: bucketed all-reduce; 1/2: the reduce-scatters launched
+     during backward) over the DP group only, since TP ranks hold different shards;
+  2. fp16: overflow check over every rank (DP x TP) so all skip together; unscale (`LossScaler.unscale_or_skip`);
+  3. global L2 norm over DP x TP: a TP-sharded tensor counts once per distinct shard (replicated KV pieces
+     once), a replicated tensor once (from TP rank 0); clip by it;
+  4. optimizer step on fp32 master weights (or fp32 parameters); the store copies or all-gathers them back;
+     the LR scheduler steps.
+Nothing here reads a device value on the host (the fp16 overflow flag aside), so a bf16/fp32 step never waits
+for the GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def check_fused_collectives() -> None:
+    """Raise if a fused TP collective timed out on this rank since the last step (its peers time out too, so
+    every rank raises). Reads host state only (the watchdog records the error): no device sync."""
+    symm = sys.modules.get("autotp_kernels.symm")
+    if symm is not None:
+        symm.check_errors()
+
+
+def global_grad_norm(store) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient over DP x TP, each distinct value counted once (a device
+    tensor)."""
+    total = store.sumsq()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)  # every rank's share, DP x TP: each distinct value counted once
+    return total.sqrt()
+
+
+def clip_grads_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale `grads` so their global norm is at most `max_norm` (0: off). On the device, as torch's
+    clip_grad_norm_: reading the norm on the host would stall the launch queue once per step while the GPU
+    drains. A non-finite norm leaves the gradients as they are."""
+    if max_norm <= 0 or not grads:
+        return
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+    torch._foreach_mul_(list(grads), coef)  # one launch for all gradients
+
+
+def boundary_step(store, optimizer, lr_scheduler, loss_scaler, max_norm: float,
+                  device: torch.device) -> Optional[torch.Tensor]:
+    """Steps 1-4 above. Returns the global gradient norm before clipping (a device tensor), or None when fp16
+    overflowed on some rank and every rank skipped the step. The caller zeroes the gradients either way."""
+    store.reduce()
+    check_fused_collectives()
+    grads = store.grads()
+    if loss_scaler is not None and loss_scaler.unscale_or_skip(grads, device):
+        return None
+    norm = global_grad_norm(store)
+    clip_grads_(grads, norm, max_norm)
+    optimizer.step()
+    store.after_step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    return norm
