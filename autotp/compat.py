@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .config import AutoTPConfig, ConfigError, parse_partition_config
+from .config import AutoTPConfig, ConfigError, check_tp_divides_world, parse_partition_config
 
 _MODE = {"training": False}
 
@@ -61,8 +61,8 @@ def tp_model_init(model: torch.nn.Module, tp_size: int, dtype: Optional[torch.dt
     if tp_group is not None and dist.get_world_size(tp_group) != tp_size:
         raise ConfigError(f"tp_model_init: tp_size = {tp_size} but tp_group has {dist.get_world_size(tp_group)} "
                           "ranks")
-    if dist.is_initialized() and dist.get_world_size() % tp_size:
-        raise ConfigError(f"tp_model_init: tp_size = {tp_size} must divide the world size {dist.get_world_size()}")
+    if dist.is_initialized():
+        check_tp_divides_world(tp_size, dist.get_world_size(), key="tp_model_init(tp_size)")
     if isinstance(partition_config, dict) and partition_config and all(
             isinstance(v, str) for v in partition_config.values()):
         partition_config = dict(partition_config)  # an HF tp_plan, as `parallelize` takes it

@@ -22,7 +22,7 @@ from .presets import PRESETS
 
 __all__ = ["ConfigError", "AutoTPConfig", "TensorParallelConfig", "ZeroConfig", "OptimizerConfig", "SchedulerConfig",
            "LayerSpec", "PartitionConfig", "parse_config", "parse_partition_config", "parse_layer_spec",
-           "load_config_dict", "KERNELS", "COMM_BACKENDS", "SCHEDULER_TYPES", "PARTITION_TYPES"]
+           "load_config_dict", "check_tp_divides_world", "KERNELS", "COMM_BACKENDS", "SCHEDULER_TYPES", "PARTITION_TYPES"]
 
 logger = logging.getLogger("autotp")
 
@@ -225,6 +225,12 @@ def _parse_zero(zero: dict, stage: int, d: dict) -> ZeroConfig:
         comm_backend=backend, communication_data_type=wire)
 
 
+def check_tp_divides_world(tp_size: int, world_size: int, key: str = "tensor_parallel.autotp_size") -> None:
+    """The one check that a TP size divides the world (the config key, `tp_model_init`, the groups)."""
+    if world_size % tp_size:
+        _fail(key, tp_size, f"must divide the world size {world_size}")
+
+
 def parse_config(config: Any, world_size: int) -> AutoTPConfig:
     """Parse and validate; `world_size` is the global world size (dp = world / autotp_size)."""
     d = load_config_dict(config)
@@ -233,8 +239,7 @@ def parse_config(config: Any, world_size: int) -> AutoTPConfig:
     if "bf16" in d and "bfloat16" in d:
         raise ConfigError("config keys 'bf16' and 'bfloat16' are both given: they are the same setting, keep one")
     tp = _parse_tensor_parallel(d, unused)
-    if world_size % tp.autotp_size:
-        _fail("tensor_parallel.autotp_size", tp.autotp_size, f"must divide the world size {world_size}")
+    check_tp_divides_world(tp.autotp_size, world_size)
     dp = world_size // tp.autotp_size
     tbs, mbs, gas = _resolve_batch(d, dp)
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from .config import ConfigError, check_tp_divides_world
 
 
 def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0,
@@ -78,8 +78,7 @@ def build_groups(tp_size: int) -> ParallelGroups:
                                "or launch with torchrun")
         return ParallelGroups(None, None, 1, 0, 1, 0)
     world, rank = dist.get_world_size(), dist.get_rank()
-    if world % tp_size:
-        raise ConfigError(f"config key 'tensor_parallel.autotp_size' = {tp_size} must divide the world size {world}")
+    check_tp_divides_world(tp_size, world)
     _check_local_fit(tp_size)
     if tp_size in _GROUP_CACHE:
         return _GROUP_CACHE[tp_size]
