@@ -199,6 +199,8 @@ def main():
                shape=args.shape, layers=args.layers, seq=args.seq, micro_batch=args.micro_batch, params=n_params,
                kernels=args.kernels if args.provider == "autotp" else "",
                optimizer=args.optimizer if args.provider == "autotp" else "",
+               # which package version ran (bench/run_levers_gpu.sh runs several commits side by side)
+               version=os.environ.get("AUTOTP_BENCH_VERSION", ""),
                vocab_parallel=int(args.vocab_parallel and args.provider == "autotp"),
                sequence_parallel=int(args.sequence_parallel and args.provider == "autotp"),
                step_s=round(median, 4),
