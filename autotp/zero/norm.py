@@ -38,39 +38,3 @@ def weighted_sumsq(grad: torch.Tensor, weight: Union[float, torch.Tensor]) -> to
     if isinstance(weight, float):
         return g.pow(2).sum() * weight
     return (g.pow(2) * weight).sum()
-
-
-def merge_pieces(pieces: list[tuple]) -> tuple[list[tuple[int, int]], list[tuple]]:
-    """Split (start, length, weight) pieces of one flat tensor into contiguous runs that count fully (weight 1.0,
-    adjacent pieces merged) and the pieces that need their weight (fractions, per-element KV-replica weights);
-    weight 0.0 pieces (replicated tensors on TP ranks > 0) are dropped."""
-    runs: list[list[int]] = []
-    weighted = []
-    for start, length, weight in pieces:
-        if isinstance(weight, float) and weight == 0.0:
-            continue
-        if isinstance(weight, float) and weight == 1.0:
-            if runs and runs[-1][1] == start:
-                runs[-1][1] = start + length
-            else:
-                runs.append([start, start + length])
-            continue
-        weighted.append((start, length, weight))
-    return [(a, b) for a, b in runs], weighted
-
-
-def runs_sumsq(flats: list[torch.Tensor], runs: list[list[tuple[int, int]]], weighted: list[list[tuple]],
-               device) -> torch.Tensor:
-    """sum(weight * g**2) over the pieces of `flats` given by `merge_pieces`: the full-weight runs go through
-    one multi-tensor norm (a few kernels for the whole model), the rest piece by piece. One piece at a time
-    took four kernels per parameter (pow, sum, weight, add: 300 launches per step for 75 parameters at TP=2 on
-    the Llama-3-8B shape, and ~0.9 ms of host time in Python alone). Same sum, other fp32 summation order."""
-    views = [flat.detach()[a:b] for flat, flat_runs in zip(flats, runs) for a, b in flat_runs]
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    if views:
-        norms = torch._foreach_norm([v if v.dtype == torch.float32 else v.float() for v in views])
-        total = total + torch.stack(norms).square().sum()
-    for flat, pieces in zip(flats, weighted):
-        for start, length, weight in pieces:
-            total = total + weighted_sumsq(flat[start:start + length], weight)
-    return total

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .backend import make_backend
 from .buckets import Bucket, make_tracker, plan
-from .norm import count_once_weights, merge_pieces, runs_sumsq
+from .norm import count_once_weights, weighted_sumsq
 
 
 class PartitionedState:
@@ -82,9 +82,7 @@ class PartitionedState:
         self._buffers: list[Optional[torch.Tensor]] = [None] * len(self.buckets)
         self._tracker = make_tracker(self.buckets, len(params))  # launch order bookkeeping (C++ when built)
         self._reduce_now = False
-        merged = [merge_pieces(pieces) for pieces in self._partition_norm_weights(groups.tp_rank)]
-        self._norm_runs = [runs for runs, _ in merged]
-        self._norm_weighted = [weighted for _, weighted in merged]
+        self._norm_weights = self._partition_norm_weights(groups.tp_rank)
         self.hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(params)]
 
     # ---- layout --------------------------------------------------------------------------------------
@@ -234,8 +232,11 @@ class PartitionedState:
     def sumsq(self) -> torch.Tensor:
         """This rank's share of the squared global norm: partitions are disjoint over DP, shards counted once
         over TP, padding is zero."""
-        return runs_sumsq([master.grad for master in self.masters], self._norm_runs, self._norm_weighted,
-                          self.device)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for master, pieces in zip(self.masters, self._norm_weights):
+            for start, length, weight in pieces:
+                total = total + weighted_sumsq(master.grad[start:start + length], weight)
+        return total
 
     def after_step(self) -> None:
         """Write updated master slices into the flat parameters and all-gather them over DP."""
