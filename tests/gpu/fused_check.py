@@ -149,32 +149,36 @@ def _ag(x, group):
 
 
 def check_training(world):
-    """A small Llama trained 4 steps with kernels torch / auto (fused, cuBLAS) / triton: same losses."""
+    """A small Llama trained 4 steps with kernels torch / auto (fused, cuBLAS) / triton, without and with sequence
+    parallelism (its fused region entry): the same losses."""
     import autotp
     from families import batch, tiny_model
 
     losses = {}
-    for kernels in ("torch", "auto", "triton"):
+    for kernels, sequence_parallel in (("torch", False), ("auto", False), ("triton", False), ("torch", True),
+                                       ("triton", True)):
+        name = kernels + (" +sp" if sequence_parallel else "")
         model = tiny_model("llama").cuda()
         config = {"train_micro_batch_size_per_gpu": 2,
-                  "tensor_parallel": {"autotp_size": world, "kernels": kernels},
+                  "tensor_parallel": {"autotp_size": world, "kernels": kernels,
+                                      "sequence_parallel": sequence_parallel},
                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "eps": 1e-3}}}
         fused.TUNING.min_bytes = 0  # the tiny model's layers are below the auto threshold: fuse them anyway
         engine, _, _, _ = autotp.initialize(model=model, config=config)
         run = []
         for step in range(4):
             if dist.get_rank() == 0:
-                print(f"  training {kernels} step {step} at {time.strftime('%X')}", flush=True)
+                print(f"  training {name} step {step} at {time.strftime('%X')}", flush=True)
             ids = batch(seed=40 + step, batch_size=2, seq=64).cuda()
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
             engine.step()
             run.append(float(loss.detach()))
-        losses[kernels] = torch.tensor(run)
+        losses[name] = torch.tensor(run)
     symm.check_errors()
     # fp32 with TF32 off: the paths differ in GEMM blocking and in the all-reduce's summation order only.
-    ok = all(torch.allclose(losses[k], losses["torch"], rtol=1e-5, atol=0) for k in ("auto", "triton"))
-    report("training llama fp32 4 steps, losses torch/auto/triton", ok,
+    ok = all(torch.allclose(losses[k], losses["torch"], rtol=1e-5, atol=0) for k in losses)
+    report("training llama fp32 4 steps, losses torch/auto/triton, with and without sequence parallelism", ok,
            " | ".join(f"{k}: {[round(float(v), 6) for v in losses[k]]}" for k in losses))
 
 
