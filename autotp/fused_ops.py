@@ -1,0 +1,54 @@
+"""Fused RMSNorm, SwiGLU and RoPE kernels (liger-kernel, an optional dependency) for the work between the TP linear
+layers, which runs unsharded on every token at every TP rank.
+
+On CUDA, when liger-kernel is installed and the model's family has a Liger patch, `initialize` binds Liger's
+forwards to the model's own norm and MLP modules (the TP linears inside the MLP stay autotp's) and swaps
+transformers' RoPE function for Liger's. The loss is left alone: the vocabulary-parallel loss already avoids full
+logits. Not bit-identical to transformers' eager code (fp32 statistics computed in another order), so
+`AUTOTP_FUSED_OPS=off` keeps transformers' own; without liger-kernel or CUDA nothing changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger("autotp")
+
+# model_type -> liger_kernel.transformers function (data: one line a family with the Llama-style MLP and norms).
+LIGER_PATCHES = {
+    "llama": "apply_liger_kernel_to_llama",
+    "mistral": "apply_liger_kernel_to_mistral",
+    "qwen2": "apply_liger_kernel_to_qwen2",
+    "qwen3": "apply_liger_kernel_to_qwen3",
+}
+
+
+def liger_patch_for(model: nn.Module, device: torch.device) -> Optional[str]:
+    """The Liger patch function's name `apply_fused_ops` would use, or None (CPU, opted out, family unknown)."""
+    if device.type != "cuda" or os.environ.get("AUTOTP_FUSED_OPS", "auto").lower() in ("off", "0", "false"):
+        return None
+    config = getattr(model, "config", None)
+    return LIGER_PATCHES.get(getattr(config, "model_type", None))
+
+
+def apply_fused_ops(model: nn.Module, device: torch.device) -> Optional[str]:
+    """Bind Liger's fused RMSNorm / SwiGLU / RoPE to `model` where `liger_patch_for` allows and liger-kernel
+    imports; returns the patch applied, or None."""
+    name = liger_patch_for(model, device)
+    if name is None:
+        return None
+    try:
+        import liger_kernel.transformers as liger
+    except ImportError:
+        return None
+    patch = getattr(liger, name, None)
+    if patch is None:
+        return None
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    logger.info("autotp: liger-kernel %s (RMSNorm, SwiGLU, RoPE) on %s", name, type(model).__name__)
+    return name
