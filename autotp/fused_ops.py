@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .shard import layout_of
+
 logger = logging.getLogger("autotp")
 
 # model_type -> liger_kernel.transformers function (data: one line a family with the Llama-style MLP and norms).
@@ -28,12 +30,27 @@ LIGER_PATCHES = {
 }
 
 
+def _has_empty_shard(model: nn.Module) -> bool:
+    """Whether any TP rank holds an empty shard of some weight (an uneven head split that leaves a rank without
+    heads). Decided from the layouts, which every rank knows for every rank, so all ranks agree."""
+    for param in model.parameters():
+        shard = layout_of(param)
+        if shard is not None and any(shard.layout.local_size(r) == 0 for r in range(shard.layout.tp_size)):
+            return True
+    return False
+
+
 def liger_patch_for(model: nn.Module, device: torch.device) -> Optional[str]:
-    """The Liger patch function's name `apply_fused_ops` would use, or None (CPU, opted out, family unknown)."""
+    """The Liger patch function's name `apply_fused_ops` would use, or None: CPU, opted out, family unknown, or a
+    rank without heads (Liger's RoPE kernel fails to compile for zero heads: seen on H200, triton 3.6)."""
     if device.type != "cuda" or os.environ.get("AUTOTP_FUSED_OPS", "auto").lower() in ("off", "0", "false"):
         return None
     config = getattr(model, "config", None)
-    return LIGER_PATCHES.get(getattr(config, "model_type", None))
+    name = LIGER_PATCHES.get(getattr(config, "model_type", None))
+    if name is not None and _has_empty_shard(model):
+        logger.info("autotp: a TP rank holds no heads; liger-kernel's fused ops are not used")
+        return None
+    return name
 
 
 def apply_fused_ops(model: nn.Module, device: torch.device) -> Optional[str]:
