@@ -1,9 +1,9 @@
-"""Fused RMSNorm, SwiGLU and RoPE kernels (liger-kernel, an optional dependency) for the work between the TP linear
+"""Fused RMSNorm and SwiGLU kernels (liger-kernel, an optional dependency) for the work between the TP linear
 layers, which runs unsharded on every token at every TP rank.
 
 On CUDA, when liger-kernel is installed and the model's family has a Liger patch, `initialize` binds Liger's
-forwards to the model's own norm and MLP modules (the TP linears inside the MLP stay autotp's) and swaps
-transformers' RoPE function for Liger's. The loss is left alone: the vocabulary-parallel loss already avoids full
+forwards to this model's own norm and MLP modules (the TP linears inside the MLP stay autotp's); nothing else in
+the process changes. The loss is left alone: the vocabulary-parallel loss already avoids full
 logits. Not bit-identical to transformers' eager code (fp32 statistics computed in another order), so
 `AUTOTP_FUSED_OPS=off` keeps transformers' own; without liger-kernel or CUDA nothing changes.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -42,7 +43,8 @@ def _has_empty_shard(model: nn.Module) -> bool:
 
 def liger_patch_for(model: nn.Module, device: torch.device) -> Optional[str]:
     """The Liger patch function's name `apply_fused_ops` would use, or None: CPU, opted out, family unknown, or a
-    rank without heads (Liger's RoPE kernel fails to compile for zero heads: seen on H200, triton 3.6)."""
+    rank without heads (Liger kernels are not written for empty tensors: its RoPE kernel failed to compile for
+    zero heads on H200)."""
     if device.type != "cuda" or os.environ.get("AUTOTP_FUSED_OPS", "auto").lower() in ("off", "0", "false"):
         return None
     config = getattr(model, "config", None)
@@ -54,7 +56,7 @@ def liger_patch_for(model: nn.Module, device: torch.device) -> Optional[str]:
 
 
 def apply_fused_ops(model: nn.Module, device: torch.device) -> Optional[str]:
-    """Bind Liger's fused RMSNorm / SwiGLU / RoPE to `model` where `liger_patch_for` allows and liger-kernel
+    """Bind Liger's fused RMSNorm / SwiGLU to `model` where `liger_patch_for` allows and liger-kernel
     imports; returns the patch applied, or None."""
     name = liger_patch_for(model, device)
     if name is None:
@@ -66,6 +68,15 @@ def apply_fused_ops(model: nn.Module, device: torch.device) -> Optional[str]:
     patch = getattr(liger, name, None)
     if patch is None:
         return None
-    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
-    logger.info("autotp: liger-kernel %s (RMSNorm, SwiGLU, RoPE) on %s", name, type(model).__name__)
+    # Liger's patch also replaces module-level names of transformers' modeling file (the RMSNorm and MLP classes,
+    # the RoPE function), which would reach every model built or run later in the process, opted out or not (a
+    # later model with a head-less rank then crashed in Liger's RoPE). Only this model's own modules keep Liger's
+    # forwards: the module-level names are put back, so RoPE stays transformers' own.
+    modeling = sys.modules.get(type(model).__module__)
+    before = dict(vars(modeling)) if modeling is not None else {}
+    patch(rope=False, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    for key, value in before.items():
+        if vars(modeling).get(key) is not value:
+            setattr(modeling, key, value)
+    logger.info("autotp: liger-kernel %s (RMSNorm, SwiGLU) on %s", name, type(model).__name__)
     return name
