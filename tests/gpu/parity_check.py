@@ -49,7 +49,7 @@ def _dense_adamw_losses(dense, device, steps=3):
 
 
 def fused_ops_training():
-    """With liger-kernel installed, TP=2 binds its RMSNorm/SwiGLU (autotp/fused_ops.py): three AdamW steps'
+    """With liger-kernel installed, TP=2 binds its RMSNorm/SwiGLU/RoPE (autotp/fused_ops.py): three AdamW steps'
     losses against the dense eager model trained first (before the patch), rtol 1e-4 (module docstring)."""
     from autotp.fused_ops import LIGER_PATCHES
 
