@@ -11,7 +11,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import AutoTPConfig, ConfigError
-from .fused_ops import apply_fused_ops
 from .groups import ParallelGroups
 from .replace import parallelize, set_kernels
 from .vocab_parallel import enable_vocab_parallel_loss, vocab_parallel_wanted
@@ -61,7 +60,6 @@ def place_model(model: nn.Module, cfg: AutoTPConfig, groups: ParallelGroups) -> 
     device = device_for_run()
     dtype = training_dtype(cfg)
     model.to(device)
-    apply_fused_ops(model, device)
     if dtype is not None:
         cast_floating_state(model, dtype)
     broadcast_over_dp(model, groups)
