@@ -92,8 +92,8 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def prefer_fused(optimizer) -> bool:
     """Switch a user-built torch Adam/AdamW to torch's fused kernel where the user left `fused` and `foreach`
-    unset, every parameter is a floating CUDA tensor and no step has run yet: what the config's `optimizer` section
-    already gets (`build_optimizer`). On H200 at TP=2 the foreach path's passes over the fp32 masters took ~33 ms
+    unset, every parameter is a floating CUDA tensor and no step has run yet (`build_optimizer` applies it to the
+    config's `optimizer` section too). On H200 at TP=2 the foreach path's passes over the fp32 masters took ~33 ms
     of a 132 ms step (issue 19's profile). Same update, same hyper-parameters; any other optimizer, or an explicit
     choice, is left alone. Returns whether it switched."""
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.state:
@@ -113,11 +113,6 @@ def prefer_fused(optimizer) -> bool:
 def build_optimizer(spec: OptimizerConfig, params) -> torch.optim.Optimizer:
     params_cfg = dict(spec.params)
     kind = spec.type.lower()
-    params = list(params)
-    tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
-    if kind in ("adam", "adamw") and "fused" not in params_cfg and "foreach" not in params_cfg \
-            and fused_by_default(tensors):
-        params_cfg["fused"] = True
     try:
         if kind == "adam":
             # DeepSpeed's "Adam" applies decoupled weight decay (AdamW) unless adam_w_mode is false.
@@ -126,12 +121,15 @@ def build_optimizer(spec: OptimizerConfig, params) -> torch.optim.Optimizer:
             cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
             if cls is torch.optim.AdamW:
                 params_cfg.setdefault("weight_decay", 0.0)
-            return cls(params, **params_cfg)
-        if kind == "adamw":
-            return torch.optim.AdamW(params, **params_cfg)
-        return torch.optim.SGD(params, **params_cfg)
+            optimizer = cls(params, **params_cfg)
+        elif kind == "adamw":
+            optimizer = torch.optim.AdamW(params, **params_cfg)
+        else:
+            optimizer = torch.optim.SGD(params, **params_cfg)
     except TypeError as err:
         raise ConfigError(f"config key 'optimizer.params' = {spec.params!r}: {err}") from None
+    prefer_fused(optimizer)  # the same rule as for an optimizer the user built: fused unless params choose
+    return optimizer
 
 
 def _warmup_gamma(step: int, warmup_steps: int, warmup_type: str) -> float:

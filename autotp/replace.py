@@ -146,9 +146,8 @@ def _linear_modes(actions: dict[str, Action], kernels: str, sequence: Optional[S
 
 
 def set_kernels(model: nn.Module, kernels: str) -> None:
-    """GEMM implementation of every TP linear layer: `torch` (cuBLAS, then NCCL), `triton` (autotp_kernels' GEMM,
-    collectives fused into it on CUDA), `auto` (cuBLAS with the fused collectives where the layer's traffic is
-    large enough for fusing to pay, see `_ParallelLinear.fused_gemm`). Swaps each layer's whole mode."""
+    """Set every TP linear layer's `kernels` (one of `config.KERNELS`, described there) by swapping its whole
+    mode."""
     for module in model.modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             module.set_mode(dataclasses.replace(module.mode, kernels=kernels))
