@@ -68,8 +68,13 @@ def _check_keys(section: dict, path: str, read: set, ignored: set, unused: list)
         if key in ignored:
             unused.append(path + key)
             continue
-        nearest = difflib.get_close_matches(str(key), known, n=1, cutoff=0.0)
-        hint = f"; did you mean '{path}{nearest[0]}'?" if nearest else ""
+        hint = nearest_hint(key, known, path)
         raise ConfigError(f"config key '{path}{key}' is unknown to autotp and to DeepSpeed{hint} (known keys here: "
                           f"{', '.join(known)})")
+
+
+def nearest_hint(key, known, path: str) -> str:
+    """`; did you mean '<path><nearest known key>'?`, or '' when nothing is known."""
+    nearest = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.0)
+    return f"; did you mean '{path}{nearest[0]}'?" if nearest else ""
 

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .config_keys import _PARTITION_KEYS, _SPEC_KEYS
+from .config_keys import _PARTITION_KEYS, _SPEC_KEYS, nearest_hint
 from .config_values import _fail, _get_bool
 
 PARTITION_TYPES = ("column", "row", "skip")
@@ -57,9 +57,10 @@ def _normalize_shape(shape, path: str):
 def parse_layer_spec(raw: Any, path: str) -> LayerSpec:
     if not isinstance(raw, dict):
         _fail(path, raw, "each layer spec must be an object")
-    unknown = set(raw) - _SPEC_KEYS
+    unknown = sorted(set(raw) - _SPEC_KEYS, key=str)
     if unknown:
-        _fail(f"{path}.{sorted(unknown)[0]}", raw[sorted(unknown)[0]], f"unknown layer-spec key; known: {sorted(_SPEC_KEYS)}")
+        hint = nearest_hint(unknown[0], _SPEC_KEYS, path + ".")
+        _fail(f"{path}.{unknown[0]}", raw[unknown[0]], f"unknown layer-spec key{hint} (known: {sorted(_SPEC_KEYS)})")
     patterns = raw.get("patterns")
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -120,10 +121,10 @@ def parse_partition_config(raw: Any, path: str = "tensor_parallel.partition_conf
         return raw
     if not isinstance(raw, dict):
         _fail(path, raw, "must be an object")
-    unknown = set(raw) - _PARTITION_KEYS
+    unknown = sorted(set(raw) - _PARTITION_KEYS, key=str)
     if unknown:
-        key = sorted(unknown)[0]
-        _fail(f"{path}.{key}", raw[key], f"unknown key; known: {sorted(_PARTITION_KEYS)}")
+        hint = nearest_hint(unknown[0], _PARTITION_KEYS, path + ".")
+        _fail(f"{path}.{unknown[0]}", raw[unknown[0]], f"unknown key{hint} (known: {sorted(_PARTITION_KEYS)})")
     specs_raw = raw.get("layer_specs", [])
     if not isinstance(specs_raw, list):
         _fail(f"{path}.layer_specs", specs_raw, "must be a list")

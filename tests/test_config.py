@@ -237,6 +237,15 @@ def test_typo_in_a_read_section_raises_naming_the_nearest_key(section, typo, nea
     assert f"'{wrong}' is unknown" in message and f"did you mean '{nearest}'" in message
 
 
+def test_typo_in_partition_config_and_layer_specs_names_the_nearest_key():
+    specs = {"use_default_specs": False, "layer_specs": [{"patterns": [".*"], "partion_type": "row"}]}
+    message = _raises({**_BASE, "tensor_parallel": {"partition_config": specs}})
+    assert _named("tensor_parallel.partition_config.layer_specs[0].partion_type", "row") in message
+    assert "did you mean 'tensor_parallel.partition_config.layer_specs[0].partition_type'" in message
+    message = _raises({**_BASE, "tensor_parallel": {"partition_config": {"strict": True}}})
+    assert "did you mean 'tensor_parallel.partition_config.strict_mode'" in message
+
+
 def test_bfloat16_is_deepspeeds_alias_of_bf16():
     assert parse_config({**_BASE, "bfloat16": {"enabled": True}}, 1).bf16
     assert "both given" in _raises({**_BASE, "bfloat16": {"enabled": True}, "bf16": {"enabled": True}})
