@@ -47,17 +47,26 @@ def clip_grads_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) 
     torch._foreach_mul_(list(grads), coef)  # one launch for all gradients
 
 
-def boundary_step(store, optimizer, lr_scheduler, loss_scaler, max_norm: float,
-                  device: torch.device) -> Optional[torch.Tensor]:
-    """Steps 1-4 above. Returns the global gradient norm before clipping (a device tensor), or None when fp16
-    overflowed on some rank and every rank skipped the step. The caller zeroes the gradients either way."""
+def prepare_grads(store, loss_scaler, max_norm: float, device: torch.device) -> tuple[bool, Optional[torch.Tensor]]:
+    """Steps 1-3 above: (whether to step, the global gradient norm before clipping). fp16 overflow on some rank:
+    (False, None) on every rank."""
     store.reduce()
     check_fused_collectives()
     grads = store.grads()
     if loss_scaler is not None and loss_scaler.unscale_or_skip(grads, device):
-        return None
+        return False, None
     norm = global_grad_norm(store)
     clip_grads_(grads, norm, max_norm)
+    return True, norm
+
+
+def boundary_step(store, optimizer, lr_scheduler, loss_scaler, max_norm: float,
+                  device: torch.device) -> Optional[torch.Tensor]:
+    """Steps 1-4 above. Returns the global gradient norm before clipping (a device tensor), or None when fp16
+    overflowed on some rank and every rank skipped the step. The caller zeroes the gradients either way."""
+    step, norm = prepare_grads(store, loss_scaler, max_norm, device)
+    if not step:
+        return None
     optimizer.step()
     store.after_step()
     if lr_scheduler is not None:

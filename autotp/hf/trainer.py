@@ -1,0 +1,184 @@
+"""`with_autotp(TrainerClass)`: the same Trainer, trained with autotp's TP x ZeRO instead of DeepSpeed.
+
+What changes against the stock Trainer, each at the Trainer's own extension point:
+  __init__                the model is sharded and placed once the Trainer is built (after TRL/PEFT wrapped it);
+                          accelerate is told it is prepared (no DDP wrapper, no autocast: the engine owns dtype and
+                          gradient reduction); data loaders and metric gathers go over the DP group (`data.py`)
+  create_optimizer        the config's `optimizer` (all trainable parameters, as DeepSpeed builds it) or the
+                          Trainer's own, then the ZeRO store takes it over (`optimizer.StoreOptimizer`)
+  create_scheduler        the config's `scheduler` with its step counts filled, or the Trainer's own
+  training_step           brackets backward with the store's `begin_backward` / `end_backward`
+  _clip_grad_norm, _get_grad_norm   the global norm over TP x DP, from the store
+  get_tp_size             the TP size: batch sizes and loss normalisation count DP ranks, not processes
+  save_model              the consolidated (unsharded) model, written by rank 0 file by file atomically
+  _save_optimizer_and_scheduler / _load_optimizer_and_scheduler / _load_from_checkpoint
+                          an autotp training checkpoint (`<checkpoint>/autotp`), resumable at any TP x DP layout
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+from ..checkpoint import atomic_directory, consolidated_state_dict
+from ..collective_errors import raise_on_every_rank
+from ..config import ConfigError, SchedulerConfig
+from ..engine import Engine
+from ..groups import init_distributed
+from ..optim import build_optimizer, build_scheduler, prefer_fused
+from ..placement import place_model, shard_model
+from ..resume import CheckpointError
+from ..topology import resolve_topology
+from ..zero import build_store
+from .args import fill_auto, fill_schedule
+from .data import shard_over_dp
+from .optimizer import StoreOptimizer
+
+CHECKPOINT_TAG = "autotp"  # the engine checkpoint's directory inside a Trainer checkpoint
+
+
+def _hidden_size(model):
+    config = getattr(model, "config", None)
+    return getattr(config, "hidden_size", None) or getattr(getattr(config, "text_config", None), "hidden_size", None)
+
+
+class AutoTPTrainerMixin:
+    """Put before a `transformers.Trainer` subclass in the bases (`with_autotp` does)."""
+
+    _autotp_trainer = True  # the guard on `Trainer.__init__` (args.py) lets this one through
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        raw = getattr(self.args, "autotp_config", None)
+        if raw is None:
+            raise ConfigError(f"{type(self).__name__} needs TrainingArguments(deepspeed=<config with a "
+                              "'tensor_parallel' section>) built after `import autotp.hf`")
+        unsupported = {"fp16": self.args.fp16, "load_best_model_at_end": self.args.load_best_model_at_end}
+        for key, value in unsupported.items():
+            if value:
+                raise ConfigError(f"TrainingArguments.{key} = True is not supported by autotp.hf yet "
+                                  f"({'use bf16' if key == 'fp16' else 'save with save_model and reload'})")
+        init_distributed()
+        raw = fill_auto(raw, self.args, _hidden_size(self.model))
+        cfg, groups = resolve_topology(self.model, raw)
+        shard_model(self.model, cfg, groups, raw)
+        self._autotp_device = place_model(self.model, cfg, groups)
+        self.model._is_accelerate_prepared = True  # accelerate must neither DDP-wrap nor autocast it
+        self.model_wrapped = self.model
+        self._autotp_cfg, self._autotp_groups = cfg, groups
+        self._autotp_optimizer = None
+        self._autotp_engine = None
+        shard_over_dp(self.accelerator, groups)
+        self.gather_function = self.accelerator.gather_for_metrics
+
+    # ---- sizes ---------------------------------------------------------------------------------------------
+    def get_tp_size(self) -> int:
+        return self._autotp_groups.tp_size
+
+    def _track_num_input_tokens(self, inputs):
+        before = self.state.num_input_tokens_seen
+        super()._track_num_input_tokens(inputs)  # summed over every process: each TP group counts tp times
+        self.state.num_input_tokens_seen = before + (self.state.num_input_tokens_seen - before) // self.get_tp_size()
+
+    # ---- optimizer and schedule ---------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self._autotp_optimizer is not None:
+            return self.optimizer
+        cfg = self._autotp_cfg
+        if cfg.optimizer is not None:  # DeepSpeed builds it on every trainable parameter, in one group
+            inner = build_optimizer(cfg.optimizer, [p for p in self.model.parameters() if p.requires_grad])
+        else:
+            inner = super().create_optimizer(model)
+            prefer_fused(inner)
+        store = build_store(cfg, self.model, inner, self._autotp_groups, self._autotp_device)
+        self._autotp_optimizer = StoreOptimizer(inner, store, cfg.gradient_clipping, self._autotp_device)
+        self._autotp_engine = Engine(self.model, inner, None, cfg, self._autotp_groups, store,
+                                     self._autotp_device, {})
+        self.optimizer = self._autotp_optimizer
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        spec = self._autotp_cfg.scheduler
+        if spec is None:
+            scheduler = super().create_scheduler(num_training_steps, optimizer)
+        else:
+            if self.lr_scheduler is None:
+                params = fill_schedule(spec.params, self.args, num_training_steps)
+                self.lr_scheduler = build_scheduler(SchedulerConfig(spec.type, params),
+                                                    self._autotp_optimizer.optimizer)
+                self._created_lr_scheduler = True
+            scheduler = self.lr_scheduler
+        self._autotp_engine.lr_scheduler = scheduler  # saved and restored with the engine checkpoint
+        return scheduler
+
+    # ---- the step -----------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        store = self._autotp_optimizer.store
+        store.begin_backward(reduce_now=self.accelerator.sync_gradients)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        store.end_backward()
+        return loss
+
+    def _clip_grad_norm(self, model):
+        return self._autotp_optimizer.prepare(clip=True)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return grad_norm if grad_norm is not None else self._autotp_optimizer.prepare(clip=False)
+
+    # ---- saving and resuming ------------------------------------------------------------------------------
+    def save_model(self, output_dir=None, _internal_call: bool = False):
+        """The unsharded model (or PEFT adapter) as the stock Trainer writes it. Collective: every rank calls it
+        (the Trainer does); rank 0 writes into a temporary directory and moves each file into place."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        full = consolidated_state_dict(self.model)
+        error = None
+        if self.args.should_save:
+            tmp = atomic_directory(output_dir)
+            try:
+                self._save(tmp, state_dict=full)
+                os.makedirs(output_dir, exist_ok=True)
+                for name in os.listdir(tmp):
+                    os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+            except Exception as err:  # every rank raises below instead of waiting at the next collective
+                error = RuntimeError(f"save_model('{output_dir}') failed on rank 0: {err!r}")
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        raise_on_every_rank(error)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        self._autotp_engine.save_checkpoint(output_dir, tag=CHECKPOINT_TAG, save_latest=False)
+        if self.args.should_save and self.lr_scheduler is not None:  # also where the stock Trainer keeps it
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The weights come back with the optimizer state (`_load_optimizer_and_scheduler`), at this run's layout;
+        here only check that the checkpoint is one."""
+        if not os.path.isdir(os.path.join(resume_from_checkpoint, CHECKPOINT_TAG)):
+            raise CheckpointError(f"'{resume_from_checkpoint}' holds no autotp training checkpoint (no "
+                                  f"'{CHECKPOINT_TAG}' directory): resume from a checkpoint that "
+                                  f"{type(self).__name__} saved")
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        if checkpoint is None:
+            return
+        self._autotp_engine.load_checkpoint(checkpoint, tag=CHECKPOINT_TAG, load_lr_scheduler_states=True)
+
+
+_CLASSES: dict = {}
+
+
+def with_autotp(trainer_class):
+    """`trainer_class` (a `transformers.Trainer` subclass, e.g. `trl.SFTTrainer`) trained by autotp when its
+    `TrainingArguments(deepspeed=...)` config has a `tensor_parallel` section. Same constructor."""
+    import transformers
+
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, transformers.Trainer)):
+        raise TypeError(f"with_autotp needs a transformers.Trainer subclass, got {trainer_class!r}")
+    if issubclass(trainer_class, AutoTPTrainerMixin):
+        return trainer_class
+    if trainer_class not in _CLASSES:
+        _CLASSES[trainer_class] = type(f"AutoTP{trainer_class.__name__}", (AutoTPTrainerMixin, trainer_class),
+                                       {"__module__": __name__, "__doc__": trainer_class.__doc__})
+    return _CLASSES[trainer_class]
