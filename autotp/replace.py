@@ -198,6 +198,8 @@ def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, 
         vocab_rules, head = _vocab_parallel_rules(model)
         rules = vocab_rules + rules
     actions = resolve_plan(targets, rules, dims, tp, strict=strict, param_names=direct_param_names(model))
+    if "forward" in vars(model):
+        _keep_head_whole(model, actions)
     if tp > 1:
         _check_plan_shards(actions, rules, source, tp)
         keep_ties(model, actions, targets, dims, tp)
@@ -234,6 +236,22 @@ def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, 
     if verbose and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         logger.info("autotp plan (%s, tp=%d, rank 0 shapes):\n%s", source, tp, format_plan(actions, local_shapes))
     return model
+
+
+def _keep_head_whole(model: nn.Module, actions: dict[str, Action]) -> None:
+    """A forward replaced on the instance (TRL's fused LM head, Liger's fused cross-entropy) multiplies by
+    `lm_head.weight` itself: a vocabulary shard of it would give a loss over 1/tp of the vocabulary, silently. The
+    LM head (and an input embedding tied to it) stays whole on every TP rank, as DeepSpeed AutoTP keeps it."""
+    names = {id(module): name for name, module in model.named_modules()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    kept = [names[id(head)]] if head is not None and id(head) in names else []
+    if kept and embedding is not None and getattr(embedding, "weight", None) is getattr(head, "weight", 0):
+        kept.append(names[id(embedding)])
+    kept = [name for name in kept if actions.pop(name, None) is not None]
+    if kept and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        logger.warning("autotp: %s.forward is replaced on the instance and reads the LM head's weight itself; "
+                       "kept whole on every TP rank: %s", type(model).__name__, ", ".join(kept))
 
 
 def _clear_input_copies(modes: dict[str, LinearMode], model: nn.Module, hooks: list) -> None:

@@ -120,11 +120,14 @@ def _head(model: nn.Module) -> ColumnParallelLinear:
 def supports_vocab_parallel_loss(model: nn.Module) -> bool:
     """Whether `vocab_parallel_loss: auto` turns the feature on: only where it is exact by construction, an LM
     head that is a linear layer and a forward that computes its loss through `self.loss_function` (the hook this
-    module replaces; a model with its own cross-entropy would compute it on a vocabulary slice)."""
+    module replaces; a model with its own cross-entropy would compute it on a vocabulary slice), not replaced on
+    the instance."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # Looked up on the class: reading `model.loss_function` runs transformers' property, which warns once per
     # process ("`loss_type=None` ... unrecognized") on every rank for models such as GPT2LMHeadModel.
     if not isinstance(head, (nn.Linear, ColumnParallelLinear)) or not hasattr(type(model), "loss_function"):
+        return False
+    if "forward" in vars(model):  # replaced on the instance (TRL's fused LM head reads lm_head.weight itself)
         return False
     try:
         source = inspect.getsource(type(model).forward)

@@ -56,3 +56,29 @@ def ds_config(tp: int, stage: int = 0, **extra):
 
 def losses(trainer) -> list[float]:
     return [row["loss"] for row in trainer.state.log_history if "loss" in row]
+
+
+WORDS = ("the a one two red blue cat dog sat ran on under mat log and then it was big small very quick slow "
+         "bird fish tree sky").split()
+
+
+def word_tokenizer():
+    """A word-level fast tokenizer over `WORDS` (ids 0-3 special), built in memory: no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def text_dataset(n: int = 32, seed: int = 3):
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    return Dataset.from_dict({"text": [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
+                                       for _ in range(n)]})

@@ -1,0 +1,150 @@
+"""autotp.hf.Trainer against transformers.Trainer on one process: same seed, data and hyper-parameters.
+
+Tolerances: the runs differ only in fp32 summation order (TP splits each GEMM's reduction, DP splits the batch
+mean), ~1e-7 relative per operation; after 4 AdamW steps the largest weight difference seen was 1.1e-6, and Adam's
+normalised update keeps it near lr x 1e-3, so weights get atol 1e-5 and losses rtol 1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import hf_utils as H
+from dist_utils import run_distributed
+
+pytest.importorskip("accelerate")
+LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
+
+
+def _dense(rank, world, out, overrides, evaluate):
+    import autotp.hf  # noqa: F401  (hooks installed: a plain run must be unaffected)
+    import transformers
+
+    model = H.tiny_model()
+    args = H.training_args(out, **overrides)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=H.TokenDataset(),
+                                   eval_dataset=H.TokenDataset(8, seed=2))
+    trainer.train()
+    metrics = trainer.evaluate() if evaluate else {}
+    return H.losses(trainer), {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
+
+
+def _autotp(rank, world, out, tp, stage, overrides, evaluate, save_dir):
+    import autotp
+    import autotp.hf
+
+    model = H.tiny_model()
+    overrides = dict(overrides)
+    overrides["per_device_train_batch_size"] = overrides.get("per_device_train_batch_size", 4) * tp // world
+    args = H.training_args(out, deepspeed=H.ds_config(tp, stage), **overrides)
+    trainer = autotp.hf.Trainer(model=model, args=args, train_dataset=H.TokenDataset(),
+                                eval_dataset=H.TokenDataset(8, seed=2))
+    trainer.train()
+    metrics = trainer.evaluate() if evaluate else {}
+    if save_dir:
+        trainer.save_model(save_dir)
+    full = autotp.consolidated_state_dict(model)
+    return H.losses(trainer), full, metrics, trainer.get_total_train_batch_size(args)
+
+
+def _compare(ref, got):
+    assert got[0] == pytest.approx(ref[0], rel=LOSS_RTOL)
+    assert len(got[0]) == len(ref[0])
+    for name, value in ref[1].items():
+        torch.testing.assert_close(got[1][name], value, rtol=0, atol=WEIGHT_ATOL, msg=name)
+
+
+@pytest.mark.parametrize("world,tp,stage", [(2, 2, 0), (4, 2, 1)])
+def test_trainer_matches_dense(tmp_path, world, tp, stage):
+    ref = run_distributed(1, _dense, str(tmp_path / "dense"), {}, False)[0]
+    got = run_distributed(world, _autotp, str(tmp_path / "tp"), tp, stage, {}, False, None)
+    _compare(ref, got[0])
+    assert got[0][3] == 4  # total train batch: micro x accumulation x DP, not x world (DeepSpeed #7298)
+
+
+def test_accumulation_evaluate_and_save(tmp_path):
+    """Gradient accumulation 2 at ZeRO-2, evaluate() loss, and save_model() read back by plain transformers."""
+    overrides = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    ref = run_distributed(1, _dense, str(tmp_path / "dense"), overrides, True)[0]
+    save_dir = str(tmp_path / "saved")
+    got = run_distributed(2, _autotp, str(tmp_path / "tp"), 2, 2, overrides, True, save_dir)[0]
+    _compare(ref, got)
+    assert got[2]["eval_loss"] == pytest.approx(ref[2]["eval_loss"], rel=LOSS_RTOL)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(save_dir).state_dict()
+    for name, value in ref[1].items():
+        torch.testing.assert_close(reloaded[name], value, rtol=0, atol=WEIGHT_ATOL, msg=name)
+
+
+def _resume(rank, world, out, tp, resume_from, max_steps):
+    import autotp.hf
+
+    model = H.tiny_model()
+    args = H.training_args(out, deepspeed=H.ds_config(tp, 1), per_device_train_batch_size=4 * tp // world,
+                           max_steps=max_steps, save_strategy="steps", save_steps=2)
+    trainer = autotp.hf.Trainer(model=model, args=args, train_dataset=H.TokenDataset())
+    trainer.train(resume_from_checkpoint=resume_from)
+    return H.losses(trainer)
+
+
+def test_resume_same_and_other_layout(tmp_path):
+    """A step checkpoint resumed at TP=2 and at TP=1 x DP=2 continues with the uninterrupted run's losses."""
+    out = str(tmp_path / "run")
+    full = run_distributed(2, _resume, out, 2, None, 4)[0]
+    checkpoint = os.path.join(out, "checkpoint-2")
+    assert os.path.isdir(os.path.join(checkpoint, "autotp"))
+    same = run_distributed(2, _resume, str(tmp_path / "same"), 2, checkpoint, 4)[0]
+    other = run_distributed(2, _resume, str(tmp_path / "other"), 1, checkpoint, 4)[0]
+    # log_history comes back from the checkpoint: steps 1-2 as saved, 3-4 trained after the resume
+    assert len(same) == len(other) == len(full) == 4
+    assert same[2:] == pytest.approx(full[2:], rel=LOSS_RTOL)
+    assert other[2:] == pytest.approx(full[2:], rel=LOSS_RTOL)
+
+
+def _config_sections(rank, world, out, use_autotp):
+    """DeepSpeed's optimizer and scheduler sections with "auto" values, against the same optimizer given to a
+    plain Trainer (AdamW on every parameter, decay included, as DeepSpeed builds it; WarmupDecayLR)."""
+    import autotp.hf
+    import transformers
+    from autotp.optim import WarmupDecayLR
+
+    model = H.tiny_model()
+    extra = {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                       "weight_decay": "auto"}},
+             "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                               "warmup_num_steps": "auto",
+                                                               "total_num_steps": "auto"}}}
+    if use_autotp:
+        args = H.training_args(out, deepspeed=H.ds_config(2, 0, **extra), warmup_steps=2)
+        trainer = autotp.hf.Trainer(model=model, args=args, train_dataset=H.TokenDataset())
+    else:
+        args = H.training_args(out, warmup_steps=2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+        sched = WarmupDecayLR(opt, total_num_steps=4, warmup_min_lr=0, warmup_max_lr=1e-3, warmup_num_steps=2)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=H.TokenDataset(),
+                                       optimizers=(opt, sched))
+    trainer.train()
+    return H.losses(trainer), [row["learning_rate"] for row in trainer.state.log_history if "loss" in row]
+
+
+def test_config_optimizer_and_scheduler_auto(tmp_path):
+    ref = run_distributed(1, _config_sections, str(tmp_path / "dense"), False)[0]
+    got = run_distributed(2, _config_sections, str(tmp_path / "tp"), True)[0]
+    assert got[1] == pytest.approx(ref[1], rel=1e-12)  # the same schedule, computed the same way
+    assert got[0] == pytest.approx(ref[0], rel=LOSS_RTOL)
+
+
+def test_mismatch_and_stock_trainer_errors(tmp_path):
+    import autotp.hf  # noqa: F401
+    import transformers
+    from autotp import ConfigError
+
+    args = H.training_args(str(tmp_path), deepspeed=H.ds_config(1, gradient_clipping=0.5))
+    with pytest.raises(ConfigError, match=r"TP|tensor parallelism"):
+        transformers.Trainer(model=H.tiny_model(), args=args, train_dataset=H.TokenDataset())
+    with pytest.raises(ConfigError, match=r"gradient_clipping = 0.5 .* max_grad_norm = 1.0"):
+        autotp.hf.Trainer(model=H.tiny_model(), args=args, train_dataset=H.TokenDataset())
