@@ -66,6 +66,20 @@ def test_example_01_toy_mlp():
     assert result.stdout.count("output matches the dense MLP") == 2
 
 
+def test_example_hf_trainer_as_in_readme(tmp_path):
+    """The README's `autotp.hf` section: its script, launched as written (fewer steps), trains and saves plain HF
+    files."""
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "hf"
+    result = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "examples/hf_trainer.py",
+                   "--steps", "6", "--output", str(output)], 180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '"backend": "autotp"' in result.stdout and '"tp": 2' in result.stdout
+    model = AutoModelForCausalLM.from_pretrained(output / "final")
+    assert model.config.num_hidden_layers == 4
+
+
 def _losses(output):
     with open(output / "losses.csv") as handle:
         return [(int(r["step"]), r["loss"]) for r in csv.DictReader(handle)]
