@@ -34,7 +34,7 @@ def _dense(rank, world, out, overrides, evaluate):
 
 def _autotp(rank, world, out, tp, stage, overrides, evaluate, save_dir):
     import autotp
-    import autotp.hf
+    import autotp.hf  # noqa: F401  (installs the TrainingArguments hook before the arguments are built)
 
     model = H.tiny_model()
     overrides = dict(overrides)

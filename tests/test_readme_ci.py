@@ -34,7 +34,8 @@ def test_readme_install_and_commands():
 
 def test_pyproject_declares_what_runs_and_tests():
     text = (ROOT / "pyproject.toml").read_text()
-    for requirement in ('"triton;', '"transformers', '"ninja"', '"pybind11"', 'test = ["pytest"]'):
+    for requirement in ('"triton;', '"transformers', '"ninja"', '"pybind11"',
+                        'test = ["pytest", "accelerate", "peft", "trl"]', 'hf = ["accelerate", "peft", "trl"]'):
         assert requirement in text, requirement
 
 
