@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from . import comm
 from .collective_errors import raise_on_every_rank
+from .lora import adapter_state_names, is_peft_model
 from .shard import ShardLayout, layout_of, local_shape, unshard_tensor
 
 
@@ -37,8 +38,10 @@ def gather_full(tensor: torch.Tensor, layout: ShardLayout, full_shape, group) ->
     return unshard_tensor(shards, layout, full_shape)
 
 
-def consolidated_state_dict(model: torch.nn.Module, group=None, to_cpu: bool = True) -> Optional[dict]:
-    """The model's full state dict under its original names, on global rank 0; None elsewhere."""
+def consolidated_state_dict(model: torch.nn.Module, group=None, to_cpu: bool = True,
+                            names: Optional[set] = None) -> Optional[dict]:
+    """The model's full state dict under its original names, on global rank 0; None elsewhere. `names`: only
+    these entries (the same set on every rank: the others are not gathered)."""
     state = getattr(model, "autotp_state", None)
     if group is None and state is not None:
         group = state.groups.tp_group
@@ -46,6 +49,8 @@ def consolidated_state_dict(model: torch.nn.Module, group=None, to_cpu: bool = T
     full: dict = {}
     done: dict[int, torch.Tensor] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
+        if names is not None and name not in names:
+            continue
         key = id(tensor)
         if key not in done:
             layout, full_shape = layout_of(tensor) or (None, None)
@@ -57,6 +62,14 @@ def consolidated_state_dict(model: torch.nn.Module, group=None, to_cpu: bool = T
         if keep:
             full[name] = done[key]
     return full if keep else None
+
+
+def consolidated_adapter_state_dict(model: torch.nn.Module, group=None) -> Optional[dict]:
+    """A PEFT model's adapter tensors (and whatever else peft's `save_pretrained` may write: `lora.
+    adapter_state_names`) whole, under the model's state-dict names, on global rank 0; None elsewhere. The frozen
+    base is not gathered. `model.save_pretrained(dir, state_dict=...)` on rank 0 then writes the adapter files a
+    dense run writes. Collective over all ranks."""
+    return consolidated_state_dict(model, group, names=adapter_state_names(model))
 
 
 def atomic_directory(final_dir: str):
@@ -80,8 +93,9 @@ def commit_directory(tmp_dir: str, final_dir: str) -> None:
 def save_pretrained(model: torch.nn.Module, save_dir: str, dtype: Optional[torch.dtype] = None,
                     **hf_kwargs) -> None:
     """An HF model directory (config + safetensors) loadable by `AutoModelForCausalLM.from_pretrained`
-    without autotp. Collective over all ranks; rank 0 writes."""
-    full = consolidated_state_dict(model)
+    without autotp; for a PEFT model, its adapter (adapter_config.json + adapter_model.safetensors, as peft writes
+    it from a dense model). Collective over all ranks; rank 0 writes."""
+    full = consolidated_adapter_state_dict(model) if is_peft_model(model) else consolidated_state_dict(model)
     error = None
     if full is not None:
         if dtype is not None:

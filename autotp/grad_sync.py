@@ -29,8 +29,8 @@ class TPGradSums:
         return id(param) in self._summed
 
     def sum_replicated(self, param: nn.Parameter) -> None:
-        """Sum this replicated parameter's gradient over TP."""
-        if self.is_summed(param) or comm.group_size(self.group) == 1:
+        """Sum this replicated parameter's gradient over TP (a frozen one has none: a PEFT model's base)."""
+        if self.is_summed(param) or comm.group_size(self.group) == 1 or not param.requires_grad:
             return
         group = self.group
         self._summed[id(param)] = param
@@ -38,6 +38,8 @@ class TPGradSums:
 
     def sum_kv_replicas(self, param: nn.Parameter, layout: ShardLayout) -> None:
         """Place this rank's copies in a full-size buffer, all-reduce, take the local part back."""
+        if not param.requires_grad:
+            return
         group, ranges = self.group, layout.local_ranges(self.tp_rank)
 
         def hook(grad):

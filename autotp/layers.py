@@ -142,13 +142,16 @@ class ColumnParallelLinear(_ParallelLinear):
             if y_shard_n is not None:  # the region computed it while gathering its input (fused)
                 return y_shard_n + self.bias if self.bias is not None else y_shard_n
         gather = mode.gathers()
-        gemm = None if mode.sequence_parallel or gather else self.fused_gemm(x, x.numel() * x.element_size())
+        # A LoRA wrapper's copy of the input: its backward all-reduces the base's and the adapter's gradients at once.
+        wrapped = mode.adapter_call is not None and mode.adapter_call.take(x)
+        gemm = None if mode.sequence_parallel or gather or wrapped else self.fused_gemm(
+            x, x.numel() * x.element_size())
         if gemm is not None:
             from autotp_kernels.tp_linear import ColumnLinearGradAllReduce
 
             # The input gradient's all-reduce runs inside its GEMM, the weight gradient under its tail.
             return ColumnLinearGradAllReduce.apply(x, self.weight, self.bias, self.conv1d, self.tp_group, gemm)
-        if not mode.sequence_parallel:  # with it, the region's sequence gather reduces the input gradient
+        if not mode.sequence_parallel and not wrapped:  # with SP, the region's gather reduces the input gradient
             copies = mode.input_copies
             x = copies.copy(x, self.tp_group) if copies is not None else comm.copy_to_tp(x, self.tp_group)
         y_shard_n = _linear(x, self.weight, self.bias, self.conv1d, mode.kernels)
@@ -180,6 +183,9 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x):
         mode = self.mode
+        if mode.adapter_call is not None and mode.adapter_call.take(x):
+            # The LoRA wrapper adds its adapter's partial output to this one, then all-reduces and adds the bias.
+            return _linear(x, self.weight, None, self.conv1d, mode.kernels)
         if mode.split_input:
             if self.input_index is None:
                 x = comm.split_to_tp(x, self.tp_group, self.split_sizes)

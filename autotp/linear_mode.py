@@ -8,7 +8,8 @@ switched on for an LM head sharded without it) swaps the whole mode through `set
 A mode may point at state shared by several layers and changed per forward, each with one home:
   - `InputCopies`: one input copy per tensor per forward, shared by the column layers that read it;
   - `LogitsGather`: whether the vocab-parallel LM head gathers its logits in this call of its model;
-  - `RegionEntry`: a sequence-parallel region's fused entry products, one per entry column layer.
+  - `RegionEntry`: a sequence-parallel region's fused entry products, one per entry column layer;
+  - `AdapterCall`: the input a PEFT LoRA layer wrapping this layer handed it, in this call (`lora.py`).
 The mode fixes which of these a layer uses; what they hold lives for one forward.
 """
 
@@ -91,6 +92,34 @@ class RegionEntry:
         self._x_full, self._products = None, {}
 
 
+class AdapterCall:
+    """A TP linear layer wrapped by a PEFT LoRA layer (`lora.py`): the wrapper does the layer's collective for
+    the base path and the adapter path together, once, so the gradients of the shared input (column) or the
+    partial outputs (row) are summed before the one all-reduce. The wrapper's pre-hook `hand`s the layer the tensor
+    it calls it on; a layer called on exactly that tensor `take`s it and skips its own input copy (column) or its
+    all-reduce and bias (row); the wrapper's forward hook does them and `clear`s. Called on anything else (after
+    peft's `merge_and_unload` dropped the wrapper), the layer does both itself."""
+
+    def __init__(self):
+        self._x: Optional[torch.Tensor] = None  # a strong reference: its identity cannot be reused meanwhile
+        self._taken = False
+
+    def hand(self, x: torch.Tensor) -> None:
+        self._x, self._taken = x, False
+
+    def take(self, x: torch.Tensor) -> bool:
+        """Whether `x` is the tensor handed in this call (then the wrapper does the collective)."""
+        handed = self._x is not None and x is self._x
+        self._taken = self._taken or handed
+        return handed
+
+    def clear(self) -> bool:
+        """End the wrapper's call; returns whether the layer took the handed tensor."""
+        taken = self._taken
+        self._x, self._taken = None, False
+        return taken
+
+
 @dataclass(frozen=True)
 class LinearMode:
     """Settings common to column and row layers."""
@@ -108,7 +137,7 @@ class LinearMode:
 
 
 def _setting(name: str, value) -> str:
-    if value is True or isinstance(value, RegionEntry):
+    if value is True or isinstance(value, (RegionEntry, AdapterCall)):
         return name
     if isinstance(value, InputCopies):
         return f"{name}=shared"
@@ -128,6 +157,8 @@ class ColumnMode(LinearMode):
     call copies its own input. Not inside a sequence-parallel region, whose gather already reduces it."""
     region_entry: Optional[RegionEntry] = None
     """An entry layer of a sequence-parallel region: take the product the region computed while gathering."""
+    adapter_call: Optional[AdapterCall] = None
+    """Wrapped by a PEFT LoRA layer that copies the input in for the layer and its adapter together."""
 
     def __post_init__(self):
         if self.gather_output and self.logits_gather is not None:
@@ -137,6 +168,8 @@ class ColumnMode(LinearMode):
                              "its input gradient")
         if self.region_entry is not None and (not self.sequence_parallel or self.gather_output):
             raise ValueError("only a sequence-parallel column layer without gather_output enters a region fused")
+        if self.adapter_call is not None and (self.sequence_parallel or self.may_gather()):
+            raise ValueError("a LoRA-wrapped column layer keeps its output sharded, outside sequence parallelism")
 
     def may_gather(self) -> bool:
         return self.gather_output or self.logits_gather is not None
@@ -150,3 +183,10 @@ class ColumnMode(LinearMode):
 class RowMode(LinearMode):
     split_input: bool = False
     """The input arrives whole: keep this rank's features first (HF's `rowwise_rep` / `rowwise_split_input`)."""
+    adapter_call: Optional[AdapterCall] = None
+    """Wrapped by a PEFT LoRA layer that adds its adapter's partial output, then all-reduces and adds the bias."""
+
+    def __post_init__(self):
+        if self.adapter_call is not None and (self.sequence_parallel or self.split_input):
+            raise ValueError("a LoRA-wrapped row layer reads a sharded input and all-reduces, outside sequence "
+                             "parallelism")

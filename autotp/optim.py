@@ -25,10 +25,17 @@ def shards_by_id(unsharded: list[tuple[str, nn.Parameter]], model: nn.Module) ->
     return {id(param): now[name] for name, param in unsharded if name in now and id(now[name]) in trainable}
 
 
+def onto_shards(params, shards: dict[int, nn.Parameter]) -> list:
+    """`params` (the model's before sharding) as the trainable parameters now under their names. Frozen ones are
+    dropped: they never train, and the optimizer would keep a split weight's whole original alive (a PEFT model
+    given as `AdamW(model.parameters())`: its entire base model, unsharded, on every rank)."""
+    return [shards.get(id(p), p) for p in params if id(p) in shards or p.requires_grad]
+
+
 def remap_optimizer(optimizer, shards: dict[int, nn.Parameter]) -> None:
     """Point an optimizer built on the unsharded parameters at their shards (or fp32 masters)."""
     for group in optimizer.param_groups:
-        group["params"] = [shards.get(id(p), p) for p in group["params"]]
+        group["params"] = onto_shards(group["params"], shards)
     if any(optimizer.state.values()):
         raise ConfigError("the optimizer passed to autotp.initialize already holds state; build it before "
                           "training starts (its state cannot be sharded)")
@@ -49,7 +56,7 @@ def prepare_optimizer(optimizer, spec: Optional[OptimizerConfig], unsharded: lis
     shards = shards_by_id(unsharded, model)
     original = [param for _, param in unsharded]
     if optimizer is not None and not callable(getattr(optimizer, "step", None)) and callable(optimizer):
-        return optimizer([shards.get(id(p), p) for p in (model_parameters or original)])
+        return optimizer(onto_shards(model_parameters or original, shards))
     if optimizer is not None:
         remap_optimizer(optimizer, shards)
         prefer_fused(optimizer)

@@ -4,7 +4,8 @@ The steps, each in its own module: the plan (`plan`), tied weights kept tied (`t
 parallelism applies (`sequence_parallel.plan_sequence_parallel`), every TP linear layer's mode built once from
 all the settings (`linear_mode`), weights sharded and modules swapped (`swap`), then the model-level hooks
 (shared input copies, dropout streams, the vocab-parallel loss, sequence parallelism) and the attention
-modules' head counts (`attention_heads`).
+modules' head counts (`attention_heads`). PEFT's layers are out of the model while it is planned and sharded, and
+their adapters follow the TP layers after (`lora`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import torch
 import torch.nn as nn
 
 from .attention_heads import localise_attention
+from .collective_errors import raise_on_every_rank
 from .config import KERNELS, PartitionConfig, parse_partition_config
 from .grad_sync import TPGradSums
 from .groups import ParallelGroups, resolve_groups
 from .layers import ColumnParallelLinear, RowParallelLinear
-from .linear_mode import ColumnMode, InputCopies, LinearMode, LogitsGather, RowMode
+from .linear_mode import AdapterCall, ColumnMode, InputCopies, LinearMode, LogitsGather, RowMode
+from .lora import check_adapters, enable_adapters, plan_root, put_back_adapters, take_out_adapters, wrapped_layers
 from .plan import (Action, ModelDims, PlanError, Rule, Target, build_rules, format_plan, model_dims, resolve_plan,
                    rules_from_tp_plan)
 from .presets import PRESETS
@@ -130,18 +133,21 @@ def _check_plan_shards(actions: dict[str, Action], rules: list[Rule], source: st
 
 
 def _linear_modes(actions: dict[str, Action], kernels: str, sequence: Optional[SequenceParallelPlan],
-                  head: Optional[str], logits_gather: Optional[LogitsGather]) -> dict[str, LinearMode]:
+                  head: Optional[str], logits_gather: Optional[LogitsGather],
+                  wrapped: frozenset = frozenset()) -> dict[str, LinearMode]:
     """Each TP linear layer's mode, from every setting at once; the column layers outside sequence-parallel
-    regions share one `InputCopies`."""
+    regions share one `InputCopies`; those in `wrapped` (under a LoRA layer) get an `AdapterCall`."""
     copies = InputCopies()
     inside = sequence.layers if sequence is not None else frozenset()
-    modes: dict[str, LinearMode] = {name: RowMode(kernels, name in inside, split_input=actions[name].split_input)
+    modes: dict[str, LinearMode] = {name: RowMode(kernels, name in inside, split_input=actions[name].split_input,
+                                                  adapter_call=AdapterCall() if name in wrapped else None)
                                     for name in tp_linear_names(actions, "row")}
     for name in tp_linear_names(actions, "column"):
         modes[name] = ColumnMode(kernels, name in inside, gather_output=actions[name].gather_output,
                                  logits_gather=logits_gather if name == head else None,
                                  input_copies=None if name in inside else copies,
-                                 region_entry=sequence.entries.get(name) if sequence is not None else None)
+                                 region_entry=sequence.entries.get(name) if sequence is not None else None,
+                                 adapter_call=AdapterCall() if name in wrapped else None)
     return modes
 
 
@@ -153,32 +159,10 @@ def set_kernels(model: nn.Module, kernels: str) -> None:
             module.set_mode(dataclasses.replace(module.mode, kernels=kernels))
 
 
-def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, preset_model: Optional[str] = None,
-                partition_config: Any = None, device_mesh=None, verbose: bool = True,
-                kernels: str = "auto", vocab_parallel: Union[bool, str] = False,
-                sequence_parallel: bool = False) -> nn.Module:
-    """Shard `model` in place over the TP group and return it.
-
-    `vocab_parallel`: True, False, or "auto" (on where `supports_vocab_parallel_loss(model)`, see
-    `vocab_parallel`).
-
-    `partition_config` is DeepSpeed's `partition_config` (dict or `PartitionConfig`) or an HF-style tp_plan
-    (`{"layers.*.mlp.up_proj": "colwise", ...}`), like `parallelize_module`'s plan.
-    """
-    if getattr(model, "autotp_state", None) is not None:
-        raise PlanError("model is already parallelized by autotp")
-    if kernels not in KERNELS:  # the config's key is checked in config.py; this is the argument's check
-        raise PlanError(f"kernels '{kernels}' is unknown; choose one of {list(KERNELS)}")
-    if preset_model is not None and preset_model.lower() not in PRESETS:
-        raise PlanError(f"preset_model '{preset_model}' is unknown; known: {sorted(PRESETS)}")
-    if vocab_parallel not in (True, False, "auto"):
-        raise PlanError(f"vocab_parallel must be true, false or 'auto', got {vocab_parallel!r}")
-    groups = _resolve_groups(tp_size, tp_group, device_mesh)
-    tp = groups.tp_size
-    vocab_parallel = vocab_parallel_wanted(vocab_parallel, model, tp) and tp > 1
-    sequence_parallel = sequence_parallel and tp > 1
-    config = getattr(model, "config", None)
-    dims = model_dims(config)
+def _resolve_actions(model: nn.Module, tp: int, dims: ModelDims, preset_model: Optional[str], partition_config: Any,
+                     vocab_parallel: bool) -> tuple[dict[str, Action], str, Optional[str]]:
+    """The plan's rules resolved into one action per layer, checked; with where the rules came from and the name of
+    the vocabulary-parallel LM head (None without it)."""
     targets = collect_targets(model)
     strict = False
     if tp == 1:
@@ -204,35 +188,78 @@ def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, 
         _check_plan_shards(actions, rules, source, tp)
         keep_ties(model, actions, targets, dims, tp)
     _check_family(model, dims, tp)
-    sequence = None
-    if sequence_parallel:
-        try:
-            sequence = plan_sequence_parallel(model, actions)
-        except ValueError as err:
-            raise PlanError(f"sequence_parallel: {err}") from None
-    logits_gather = LogitsGather() if vocab_parallel else None
-    modes = _linear_modes(actions, kernels, sequence, head, logits_gather)
+    return actions, source, head
 
-    state = TPState(groups, actions, source, dims)
-    grad_sums = TPGradSums(groups.tp_group, groups.tp_rank, state.hooks)
-    sharder = Sharder(model, groups, grad_sums)
-    modules = dict(model.named_modules())
-    local_shapes = {}
+
+def parallelize(model: nn.Module, tp_size: Optional[int] = None, tp_group=None, preset_model: Optional[str] = None,
+                partition_config: Any = None, device_mesh=None, verbose: bool = True,
+                kernels: str = "auto", vocab_parallel: Union[bool, str] = False,
+                sequence_parallel: bool = False) -> nn.Module:
+    """Shard `model` in place over the TP group and return it.
+
+    `vocab_parallel`: True, False, or "auto" (on where `supports_vocab_parallel_loss(model)`, see
+    `vocab_parallel`).
+
+    `partition_config` is DeepSpeed's `partition_config` (dict or `PartitionConfig`) or an HF-style tp_plan
+    (`{"layers.*.mlp.up_proj": "colwise", ...}`), like `parallelize_module`'s plan.
+
+    A PEFT model (`peft.get_peft_model`) is planned by its transformers model's names and types, and its LoRA
+    layers' adapters are split to follow their base layers (`lora.py`).
+    """
+    if getattr(model, "autotp_state", None) is not None:
+        raise PlanError("model is already parallelized by autotp")
+    if kernels not in KERNELS:  # the config's key is checked in config.py; this is the argument's check
+        raise PlanError(f"kernels '{kernels}' is unknown; choose one of {list(KERNELS)}")
+    if preset_model is not None and preset_model.lower() not in PRESETS:
+        raise PlanError(f"preset_model '{preset_model}' is unknown; known: {sorted(PRESETS)}")
+    if vocab_parallel not in (True, False, "auto"):
+        raise PlanError(f"vocab_parallel must be true, false or 'auto', got {vocab_parallel!r}")
+    groups = _resolve_groups(tp_size, tp_group, device_mesh)
+    tp = groups.tp_size
+    root = plan_root(model)  # a PeftModel is planned by its transformers model's names
+    # Decided before peft's layers come out: an LM head under LoRA is no Linear, so "auto" keeps it whole.
+    vocab_parallel = vocab_parallel_wanted(vocab_parallel, root, tp) and tp > 1
+    sequence_parallel = sequence_parallel and tp > 1
+    config = getattr(root, "config", None)
+    dims = model_dims(config)
+    slots = take_out_adapters(model, root)  # the plan sees the plain model; peft's layers come back below
+    try:
+        actions, source, head = _resolve_actions(root, tp, dims, preset_model, partition_config, vocab_parallel)
+        if slots and tp > 1:  # the same plan on every rank; agreed anyway, so no rank is left waiting
+            raise_on_every_rank(check_adapters(slots, actions, head, sequence_parallel), groups.tp_group)
+        sequence = None
+        if sequence_parallel:
+            try:
+                sequence = plan_sequence_parallel(root, actions)
+            except ValueError as err:
+                raise PlanError(f"sequence_parallel: {err}") from None
+        logits_gather = LogitsGather() if vocab_parallel else None
+        modes = _linear_modes(actions, kernels, sequence, head, logits_gather, wrapped_layers(slots, actions))
+
+        state = TPState(groups, actions, source, dims)
+        grad_sums = TPGradSums(groups.tp_group, groups.tp_rank, state.hooks)
+        sharder = Sharder(root, groups, grad_sums)
+        modules = dict(root.named_modules())
+        local_shapes = {}
+        if tp > 1:
+            for name, action in actions.items():
+                shape = sharder.apply(action, modules, modes.get(name))
+                if shape is not None:
+                    local_shapes[name] = shape
+    finally:
+        put_back_adapters(root, slots)
+    model.autotp_state = root.autotp_state = state  # the merged model of `merge_and_unload` is `root`
     if tp > 1:
-        for name, action in actions.items():
-            shape = sharder.apply(action, modules, modes.get(name))
-            if shape is not None:
-                local_shapes[name] = shape
-    model.autotp_state = state
-    if tp > 1:
-        _clear_input_copies(modes, model, state.hooks)
-        stack = decoder_stack(model, tp_linear_names(actions, "row"))
-        rng = enable_tp_dropout_streams(model, groups.tp_rank, state.hooks, stack[1] if stack else None)
+        _clear_input_copies(modes, root, state.hooks)
+        stack = decoder_stack(root, tp_linear_names(actions, "row"))
+        rng = enable_tp_dropout_streams(root, groups.tp_rank, state.hooks, stack[1] if stack else None)
+        model.autotp_rng = rng  # checkpoints read it from the model the engine holds (a PeftModel: not `root`)
+        enable_adapters(model, slots, actions, sharder, grad_sums, rng, state.hooks)
         if vocab_parallel:
-            enable_vocab_parallel_loss(model)
+            enable_vocab_parallel_loss(root)
         if sequence is not None:
-            state.sequence_parallel = enable_sequence_parallel(model, sequence, groups.tp_group, rng, grad_sums)
-        localise_attention(model, actions, dims, tp, groups.tp_rank, state.hooks)
+            state.sequence_parallel = enable_sequence_parallel(root, sequence, groups.tp_group, rng, grad_sums)
+        localise_attention(root, actions, dims, tp, groups.tp_rank, state.hooks)
     if verbose and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         logger.info("autotp plan (%s, tp=%d, rank 0 shapes):\n%s", source, tp, format_plan(actions, local_shapes))
     return model
