@@ -148,3 +148,39 @@ def test_mismatch_and_stock_trainer_errors(tmp_path):
         transformers.Trainer(model=H.tiny_model(), args=args, train_dataset=H.TokenDataset())
     with pytest.raises(ConfigError, match=r"gradient_clipping = 0.5 .* max_grad_norm = 1.0"):
         autotp.hf.Trainer(model=H.tiny_model(), args=args, train_dataset=H.TokenDataset())
+
+
+def _lora(rank, world, out, tp):
+    import autotp
+    import autotp.hf  # noqa: F401
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(H.tiny_model(), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,  # lora_B nonzero: both factors train
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    if tp:
+        args = H.training_args(out, deepspeed=H.ds_config(tp, 2), per_device_train_batch_size=4 * tp // world)
+        trainer = autotp.hf.Trainer(model=model, args=args, train_dataset=H.TokenDataset())
+    else:
+        args = H.training_args(out)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=H.TokenDataset())
+    trainer.train()
+    trainer.save_model(out + "/adapter")
+    return H.losses(trainer)
+
+
+@pytest.mark.parametrize("world,tp", [(2, 2), (4, 2)])
+def test_peft_lora_through_trainer(tmp_path, world, tp):
+    """A PEFT LoRA model through autotp.hf.Trainer (TP=2, TP=2 x DP=2 at ZeRO-2) against the stock Trainer: the
+    same losses and the same adapter files (whole lora_A / lora_B)."""
+    from safetensors.torch import load_file
+
+    ref = run_distributed(1, _lora, str(tmp_path / "dense"), 0)[0]
+    got = run_distributed(world, _lora, str(tmp_path / "tp"), tp)[0]
+    assert got == pytest.approx(ref, rel=LOSS_RTOL)
+    dense = load_file(str(tmp_path / "dense" / "adapter" / "adapter_model.safetensors"))
+    mine = load_file(str(tmp_path / "tp" / "adapter" / "adapter_model.safetensors"))
+    assert sorted(mine) == sorted(dense) and all(mine[k].shape == dense[k].shape for k in dense)
+    for name, value in dense.items():
+        torch.testing.assert_close(mine[name], value, rtol=0, atol=WEIGHT_ATOL, msg=name)

@@ -22,7 +22,7 @@ import shutil
 
 import torch
 
-from ..checkpoint import atomic_directory, consolidated_state_dict
+from ..checkpoint import atomic_directory, consolidated_adapter_state_dict, consolidated_state_dict
 from ..collective_errors import raise_on_every_rank
 from ..config import ConfigError, SchedulerConfig
 from ..engine import Engine
@@ -132,7 +132,9 @@ class AutoTPTrainerMixin:
         """The unsharded model (or PEFT adapter) as the stock Trainer writes it. Collective: every rank calls it
         (the Trainer does); rank 0 writes into a temporary directory and moves each file into place."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        full = consolidated_state_dict(self.model)
+        # A PEFT model writes its adapter only: gathering the frozen base would cost its whole size on rank 0.
+        is_peft = hasattr(self.model, "peft_config")
+        full = (consolidated_adapter_state_dict if is_peft else consolidated_state_dict)(self.model)
         error = None
         if self.args.should_save:
             tmp = atomic_directory(output_dir)
