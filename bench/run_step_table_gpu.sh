@@ -11,7 +11,8 @@ mkdir -p "$RES"
 export PYTHONUNBUFFERED=1
 source bench/gpu_setup.sh
 install_deepspeed_wheels
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# PKG: a `git archive` of the package to measure (.bench_versions/<name>, carried), else the working tree.
+export PYTHONPATH=${PKG:+$PWD/$PKG:}$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 build_extensions
 CSV="$RES/train_table.csv"
