@@ -28,7 +28,11 @@ def _dense(rank, world, out, overrides, evaluate):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=H.TokenDataset(),
                                    eval_dataset=H.TokenDataset(8, seed=2))
     trainer.train()
-    metrics = trainer.evaluate() if evaluate else {}
+    if evaluate:
+        metrics = trainer.evaluate()
+        metrics["predictions"] = torch.as_tensor(trainer.predict(H.TokenDataset(8, seed=2)).predictions)
+    else:
+        metrics = {}
     return H.losses(trainer), {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
 
 
@@ -43,7 +47,11 @@ def _autotp(rank, world, out, tp, stage, overrides, evaluate, save_dir):
     trainer = autotp.hf.Trainer(model=model, args=args, train_dataset=H.TokenDataset(),
                                 eval_dataset=H.TokenDataset(8, seed=2))
     trainer.train()
-    metrics = trainer.evaluate() if evaluate else {}
+    if evaluate:
+        metrics = trainer.evaluate()
+        metrics["predictions"] = torch.as_tensor(trainer.predict(H.TokenDataset(8, seed=2)).predictions)
+    else:
+        metrics = {}
     if save_dir:
         trainer.save_model(save_dir)
     full = autotp.consolidated_state_dict(model)
@@ -73,6 +81,10 @@ def test_accumulation_evaluate_and_save(tmp_path):
     got = run_distributed(2, _autotp, str(tmp_path / "tp"), 2, 2, overrides, True, save_dir)[0]
     _compare(ref, got)
     assert got[2]["eval_loss"] == pytest.approx(ref[2]["eval_loss"], rel=LOSS_RTOL)
+    # predict(): the full-vocabulary logits of every sample, once (not once per TP rank). atol 1e-4: each logit
+    # sums 64 products with weights that may differ by WEIGHT_ATOL, so up to ~sqrt(64) x 1e-5 plus the layers below.
+    assert got[2]["predictions"].shape == ref[2]["predictions"].shape == (8, H.SEQ, H.VOCAB)
+    torch.testing.assert_close(got[2]["predictions"], ref[2]["predictions"], rtol=0, atol=1e-4)
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(save_dir).state_dict()
