@@ -20,8 +20,11 @@ class StoreOptimizer(torch.optim.Optimizer):
     """Wraps `optimizer` (whose param groups the ZeRO `store` took over). Not built through
     `torch.optim.Optimizer.__init__`: every optimizer attribute is the wrapped one's."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, store, max_norm: float, device: torch.device):
+    def __init__(self, optimizer: torch.optim.Optimizer, store, max_norm: float, device: torch.device,
+                 loss_scaler=None):
         self.optimizer, self.store, self.max_norm, self.device = optimizer, store, max_norm, device
+        self.loss_scaler = loss_scaler  # fp16: unscale, or skip the step on overflow (every rank alike)
+        self.skipped = False
         self._norm: Optional[torch.Tensor] = None
         self._prepared = False
 
@@ -48,20 +51,22 @@ class StoreOptimizer(torch.optim.Optimizer):
         return f"StoreOptimizer(stage={self.store.stage}, {self.optimizer!r})"
 
     # the step
-    def prepare(self, clip: bool) -> torch.Tensor:
-        """Reduce over DP, take the global norm, clip by `max_norm` when `clip`. Once per step; returns the norm
-        before clipping (a device tensor)."""
+    def prepare(self, clip: bool) -> Optional[torch.Tensor]:
+        """Reduce over DP, (fp16) unscale, take the global norm, clip by `max_norm` when `clip`. Once per step;
+        returns the norm before clipping (a device tensor), or None when fp16 overflowed and the step is skipped."""
         if not self._prepared:
-            _, self._norm = prepare_grads(self.store, None, self.max_norm if clip else 0.0, self.device)
-            self._prepared = True
+            step, self._norm = prepare_grads(self.store, self.loss_scaler, self.max_norm if clip else 0.0,
+                                             self.device)
+            self.skipped, self._prepared = not step, True
         return self._norm
 
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("autotp's Trainer optimizer takes no closure: the loss comes from the training step")
         self.prepare(clip=False)
-        self.optimizer.step()
-        self.store.after_step()
+        if not self.skipped:
+            self.optimizer.step()
+            self.store.after_step()
         self.store.zero_grad()
         self._prepared = False
 

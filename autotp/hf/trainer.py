@@ -17,6 +17,7 @@ What changes against the stock Trainer, each at the Trainer's own extension poin
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -55,23 +56,27 @@ class AutoTPTrainerMixin:
         if raw is None:
             raise ConfigError(f"{type(self).__name__} needs TrainingArguments(deepspeed=<config with a "
                               "'tensor_parallel' section>) built after `import autotp.hf`")
-        unsupported = {"fp16": self.args.fp16, "load_best_model_at_end": self.args.load_best_model_at_end}
-        for key, value in unsupported.items():
-            if value:
-                raise ConfigError(f"TrainingArguments.{key} = True is not supported by autotp.hf yet "
-                                  f"({'use bf16' if key == 'fp16' else 'save with save_model and reload'})")
+        if self.args.load_best_model_at_end:
+            raise ConfigError("TrainingArguments.load_best_model_at_end = True is not supported by autotp.hf yet: "
+                              "save with save_model and reload")
         init_distributed()
         raw = fill_auto(raw, self.args, _hidden_size(self.model))
         cfg, groups = resolve_topology(self.model, raw)
+        if self.args.fp16 and not cfg.fp16:  # accelerate's GradScaler cannot see the ZeRO store's gradients
+            raise ConfigError("TrainingArguments.fp16 = True needs the DeepSpeed config's fp16.enabled (true or "
+                              "\"auto\"): autotp trains fp16 as DeepSpeed does, with fp32 masters and its loss scale")
         shard_model(self.model, cfg, groups, raw)
         self._autotp_device = place_model(self.model, cfg, groups)
         self.model._is_accelerate_prepared = True  # accelerate must neither DDP-wrap nor autocast it
         self.model_wrapped = self.model
-        self._autotp_cfg, self._autotp_groups = cfg, groups
+        self._autotp_cfg, self._autotp_groups, self._autotp_raw = cfg, groups, raw
         self._autotp_optimizer = None
         self._autotp_engine = None
         shard_over_dp(self.accelerator, groups)
         self.gather_function = self.accelerator.gather_for_metrics
+        if cfg.fp16:  # DeepSpeed's fp16: fp16 weights, fp32 masters, the config's dynamic loss scale; no autocast
+            self.accelerator.scaler, self.accelerator.native_amp = None, False
+            self.accelerator.backward = functools.partial(_scaled_backward, self.accelerator, self)
 
     # ---- sizes ---------------------------------------------------------------------------------------------
     def get_tp_size(self) -> int:
@@ -93,9 +98,10 @@ class AutoTPTrainerMixin:
             inner = super().create_optimizer(model)
             prefer_fused(inner)
         store = build_store(cfg, self.model, inner, self._autotp_groups, self._autotp_device)
-        self._autotp_optimizer = StoreOptimizer(inner, store, cfg.gradient_clipping, self._autotp_device)
         self._autotp_engine = Engine(self.model, inner, None, cfg, self._autotp_groups, store,
-                                     self._autotp_device, {})
+                                     self._autotp_device, self._autotp_raw.get("fp16") or {})
+        self._autotp_optimizer = StoreOptimizer(inner, store, cfg.gradient_clipping, self._autotp_device,
+                                                self._autotp_engine.loss_scaler)
         self.optimizer = self._autotp_optimizer
         return self.optimizer
 
@@ -125,7 +131,10 @@ class AutoTPTrainerMixin:
         return self._autotp_optimizer.prepare(clip=True)
 
     def _get_grad_norm(self, model, grad_norm=None):
-        return grad_norm if grad_norm is not None else self._autotp_optimizer.prepare(clip=False)
+        norm = grad_norm if grad_norm is not None else self._autotp_optimizer.prepare(clip=False)
+        if hasattr(self.optimizer, "_is_overflow"):  # accelerate's wrapper: the Trainer then skips the LR step too
+            self.optimizer._is_overflow = self._autotp_optimizer.skipped
+        return norm
 
     # ---- saving and resuming ------------------------------------------------------------------------------
     def save_model(self, output_dir=None, _internal_call: bool = False):
@@ -166,6 +175,13 @@ class AutoTPTrainerMixin:
         if checkpoint is None:
             return
         self._autotp_engine.load_checkpoint(checkpoint, tag=CHECKPOINT_TAG, load_lr_scheduler_states=True)
+
+
+def _scaled_backward(accelerator, trainer, loss, **kwargs):
+    """accelerate's `backward` under fp16: the loss times the engine's loss scale, in fp32 as DeepSpeed does (an
+    fp16 loss times 2**16 would overflow before backward)."""
+    loss = loss / accelerator.gradient_accumulation_steps
+    (loss.float() * trainer._autotp_engine.loss_scaler.scale).backward(**kwargs)
 
 
 _CLASSES: dict = {}
