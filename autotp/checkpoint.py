@@ -18,6 +18,7 @@ from . import comm
 from .collective_errors import raise_on_every_rank
 from .lora import adapter_state_names, is_peft_model
 from .shard import ShardLayout, layout_of, local_shape, unshard_tensor
+from .zero.fsdp import gather_dp
 
 
 def _global_rank() -> int:
@@ -54,10 +55,13 @@ def consolidated_state_dict(model: torch.nn.Module, group=None, to_cpu: bool = T
         key = id(tensor)
         if key not in done:
             layout, full_shape = layout_of(tensor) or (None, None)
+            # ZeRO-3 (zero/fsdp.py): a DTensor holds this DP rank's rows of its TP shard; gather them over DP
+            # first (every rank, collective), then over TP as at stages 0-2. A plain tensor is returned as it is.
+            local = gather_dp(tensor)
             if layout is not None and comm.group_size(group) > 1:
-                value = gather_full(tensor, layout, full_shape, group)
+                value = gather_full(local, layout, full_shape, group)
             else:
-                value = tensor.detach()
+                value = local
             done[key] = value.cpu().clone() if (keep and to_cpu) else value
         if keep:
             full[name] = done[key]

@@ -71,11 +71,12 @@ class SchedulerConfig:
 class ZeroConfig:
     stage: int = 0
     """0: replicated optimizer, DP all-reduce. 1: fp32 masters and optimizer state split over DP. 2: gradients
-    split too (reduce-scattered during backward)."""
+    split too (reduce-scattered during backward). 3: parameters split too, by PyTorch's FSDP2 (`zero/fsdp.py`)."""
     reduce_bucket_size: int = 50_000_000
     """Elements per gradient bucket. 50M (100 MB bf16) sits in NCCL's bandwidth-bound regime (reduce-scatter
     reaches 247 GB/s at 64 MB on 4xH200 but 83 GB/s at 8 MB) while leaving an 8-layer backward several buckets to
-    overlap with. DeepSpeed's default (5e8) is accepted when written in the config."""
+    overlap with. DeepSpeed's default (5e8) is accepted when written in the config. Stage 3: consecutive decoder
+    layers share one FSDP2 unit (one all-gather, one reduce-scatter) while they hold at most this many elements."""
     allgather_bucket_size: int = 50_000_000
     """Elements per parameter all-gather after the step (larger buckets are gathered in pieces)."""
     overlap_comm: bool = True
@@ -87,7 +88,19 @@ class ZeroConfig:
     """Who runs the ZeRO collectives: `torch` (torch.distributed), `nccl_ext` (autotp's C++/NCCL extension), or
     `auto` (the extension when it is built, else torch)."""
     communication_data_type: Optional[str] = None
-    """torch dtype name of gradients on the wire; default: the gradient's own dtype."""
+    """torch dtype name of gradients on the wire; default: the gradient's own dtype (stage 3: fp32)."""
+    prefetch_bucket_size: Optional[int] = None
+    """Stage 3 (`stage3_prefetch_bucket_size`): parameter elements FSDP2 all-gathers ahead of the unit computing,
+    as whole units (at least one). None, the default: FSDP2's own prefetch of the next unit, which already hides
+    one unit's all-gather behind the current one's compute; more holds more gathered parameters at once."""
+    param_persistence_threshold: int = 0
+    """Stage 3 (`stage3_param_persistence_threshold`): parameters with fewer elements stay whole on every DP rank
+    (all-reduced gradients, as stage 0) instead of being sharded. Default 0 shards everything, as FSDP2 does;
+    DeepSpeed's own default (1e5) would keep a Llama's norms whole, saving two tiny collectives per unit."""
+    gather_16bit_weights_on_model_save: bool = True
+    """Stage 3 (`stage3_gather_16bit_weights_on_model_save`): `save_pretrained` and the consolidated state dicts
+    gather the weights in the bf16/fp16 training dtype, as stages 0-2 hold them; false: the fp32 masters (what
+    DeepSpeed's zero_to_fp32.py would recover). Without bf16/fp16 both are fp32."""
 
 
 @dataclass
@@ -215,14 +228,46 @@ def _parse_zero(zero: dict, stage: int, d: dict) -> ZeroConfig:
         if not isinstance(wire, str) or wire.lower() not in _COMM_DTYPES:
             _fail("communication_data_type", wire, f"must be one of {sorted(set(_COMM_DTYPES))}")
         wire = _COMM_DTYPES[wire.lower()]
+    persistence = _first_of(zero, ("stage3_param_persistence_threshold", "param_persistence_threshold"))
+    prefetch = _first_of(zero, ("stage3_prefetch_bucket_size", "prefetch_bucket_size"))
+    gather_16bit = _first_of(zero, _GATHER_16BIT_KEYS)
     return ZeroConfig(
         stage=stage,
+        prefetch_bucket_size=_get_int(zero, prefetch, path, None, minimum=0, integral_float=True) if prefetch else None,
+        param_persistence_threshold=_get_int(zero, persistence, path, 0, minimum=0, integral_float=True)
+        if persistence else 0,
+        gather_16bit_weights_on_model_save=_get_bool(zero, gather_16bit, path, True) if gather_16bit else True,
         reduce_bucket_size=_get_int(zero, "reduce_bucket_size", path, defaults.reduce_bucket_size,
                                     integral_float=True),
         allgather_bucket_size=_get_int(zero, "allgather_bucket_size", path, defaults.allgather_bucket_size,
                                        integral_float=True),
         overlap_comm=_get_bool(zero, "overlap_comm", path, True), contiguous_gradients=True,
         comm_backend=backend, communication_data_type=wire)
+
+
+# DeepSpeed's stage-3 keys with an FSDP2 meaning (`ZeroConfig`), each under both of DeepSpeed's spellings; the
+# stage-1/2 keys that FSDP2 has no use for. Either kind is listed in the one unused-keys warning when it does not
+# apply to the stage in use.
+_GATHER_16BIT_KEYS = ("stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
+                      "gather_16bit_weights_on_model_save")
+_STAGE3_KEYS = {"stage3_prefetch_bucket_size", "prefetch_bucket_size", "stage3_param_persistence_threshold",
+                "param_persistence_threshold", *_GATHER_16BIT_KEYS}
+_STAGE12_KEYS = {"allgather_bucket_size", "overlap_comm", "comm_backend"}
+
+
+def _first_of(section: dict, spellings: tuple) -> Optional[str]:
+    """The first of `spellings` present in `section` (DeepSpeed accepts several names for one setting)."""
+    return next((key for key in spellings if key in section), None)
+
+
+def _zero_unused(zero: dict, stage: int, unused: list) -> list:
+    """`unused` (keys `_check_keys` found DeepSpeed-only) adjusted for the stage: at stage 3 the stage-3 keys
+    autotp honours are read and the stage-1/2 keys are not; below stage 3 the reverse."""
+    path = "zero_optimization."
+    if stage == 3:
+        honoured = {path + key for key in _STAGE3_KEYS}
+        return [k for k in unused if k not in honoured] + [path + k for k in sorted(_STAGE12_KEYS) if k in zero]
+    return unused
 
 
 def check_tp_divides_world(tp_size: int, world_size: int, key: str = "tensor_parallel.autotp_size") -> None:
@@ -258,10 +303,10 @@ def parse_config(config: Any, world_size: int) -> AutoTPConfig:
     zero = _section(d, "zero_optimization")
     _check_keys(zero, "zero_optimization.", _ZERO_KEYS, _DEEPSPEED_ZERO_KEYS, unused)
     stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2):
-        _fail("zero_optimization.stage", stage, "autotp supports ZeRO stages 0, 1 and 2 (stage 3 shards "
-                                                 "parameters, which conflicts with tensor parallelism)")
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        _fail("zero_optimization.stage", stage, "autotp supports ZeRO stages 0, 1, 2 and 3")
     zero_cfg = _parse_zero(zero, stage, d)
+    unused[:] = _zero_unused(zero, stage, unused)
 
     optimizer = _parse_named_section(d, "optimizer", ("Adam", "AdamW", "SGD"))
     scheduler = _parse_named_section(d, "scheduler", SCHEDULER_TYPES)

@@ -39,6 +39,7 @@ from .resume_files import (FORMAT_VERSION, LATEST, CheckpointError, Reader, chec
                            resolve_tag, write_file)
 from .resume_optim import load_optimizer, optimizer_payload
 from .shard import layout_of
+from .zero.fsdp import dp_local_part, gather_dp
 
 logger = logging.getLogger("autotp")
 
@@ -129,11 +130,17 @@ def save_checkpoint(engine, save_dir: str, tag: Optional[str] = None, client_sta
 def _files_of_this_rank(engine, client_state: dict):
     groups, store = engine.groups, engine.store
     tp_rank, dp_rank = groups.tp_rank, groups.dp_rank
-    if dp_rank == 0:
+    # ZeRO-3: every DP rank takes part in gathering a tensor's DP shards (`gather_dp`, one tensor at a time so
+    # the whole TP shard never exists at once); at stages 0-2 it is the tensor itself and only DP rank 0 looks.
+    sharded = store.stage == 3
+    if dp_rank == 0 or sharded:
         model = {}
         for name, tensor in engine.module.state_dict(keep_vars=True).items():
-            model[name] = tensor.detach().cpu()
-        yield f"model_tp{tp_rank:02d}.pt", model
+            value = gather_dp(tensor) if sharded else tensor.detach()
+            if dp_rank == 0:
+                model[name] = value.cpu()
+        if dp_rank == 0:
+            yield f"model_tp{tp_rank:02d}.pt", model
     if store.writes_optimizer_file():
         yield f"optim_tp{tp_rank:02d}_dp{dp_rank:02d}.pt", optimizer_payload(engine)
     rng = _rng_state()
@@ -229,5 +236,6 @@ def _load_module(engine, reader: Reader, meta: dict, strict: bool) -> None:
             if tuple(value.shape) != tuple(tensor.shape):
                 raise CheckpointError(f"checkpoint '{reader.path}': module key '{name}' has shape "
                                       f"{tuple(value.shape)}, this model's shard is {tuple(tensor.shape)}")
-            tensor.copy_(value)
+            target, value = dp_local_part(tensor, value)  # ZeRO-3: this DP rank's rows of the TP shard
+            target.copy_(value)
 

@@ -10,10 +10,17 @@ rank gathers the ranges it now owns from whichever files hold them, resharding o
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from .reshard import layout_from_data, reshard, stored_as_here
 from .resume_files import CheckpointError, Reader
 from .shard import full_shape_of, local_shape
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of an optimizer tensor (or its state) this rank holds: a ZeRO-3 DTensor's local shard (a view, so
+    writes land in the DTensor); any other tensor itself. Ranges in `optimizer_slices` index this flat view."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def split_state(state: dict, numel: int) -> tuple[dict, dict]:
@@ -32,9 +39,9 @@ def optimizer_payload(engine) -> dict:
     slices = []
     for name, start, length, tensor, offset in store.optimizer_slices():
         elements, _ = split_state(optimizer.state.get(tensor, {}), tensor.numel())
-        values = {"master": tensor.detach().reshape(-1)[offset:offset + length].cpu().clone()}
+        values = {"master": _local(tensor).detach().reshape(-1)[offset:offset + length].cpu().clone()}
         for key, value in elements.items():
-            values[key] = value.detach().reshape(-1)[offset:offset + length].cpu().clone()
+            values[key] = _local(value).detach().reshape(-1)[offset:offset + length].cpu().clone()
         slices.append((name, start, length, values))
     scalars, element_keys, settings = [], [], []
     for group in optimizer.param_groups:
@@ -116,13 +123,13 @@ def load_optimizer(engine, reader: Reader, meta: dict) -> None:
                 continue
             values = fetch(name, numel_of[name])
             state = optimizer.state[tensor]
-            tensor.view(-1)[offset:offset + length].copy_(values["master"][start:start + length])
+            _local(tensor).view(-1)[offset:offset + length].copy_(values["master"][start:start + length])
             for key, flat in values.items():
                 if key == "master":
                     continue
                 if key not in state:
-                    state[key] = torch.zeros(tensor.numel(), dtype=flat.dtype, device=tensor.device).view_as(tensor)
-                state[key].view(-1)[offset:offset + length].copy_(flat[start:start + length])
+                    state[key] = torch.zeros_like(tensor, dtype=flat.dtype, memory_format=torch.contiguous_format)
+                _local(state[key]).view(-1)[offset:offset + length].copy_(flat[start:start + length])
         for group, settings, scalars, element_keys in zip(optimizer.param_groups, saved_groups["param_groups"],
                                                           saved_groups["scalars"], saved_groups["element_keys"]):
             group.update({k: v for k, v in settings.items() if k in group})

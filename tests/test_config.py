@@ -95,7 +95,7 @@ _SPEC = "tensor_parallel.partition_config.layer_specs[0]"
 
 
 @pytest.mark.parametrize("config, key, value", [
-    ({**_BASE, "zero_optimization": {"stage": 3}}, "zero_optimization.stage", 3),
+    ({**_BASE, "zero_optimization": {"stage": 4}}, "zero_optimization.stage", 4),
     ({**_BASE, "zero_optimization": {"stage": "2"}}, "zero_optimization.stage", "2"),
     ({**_BASE, "optimizer": {"type": "Lamb", "params": {}}}, "optimizer.type", "Lamb"),
     ({**_BASE, "optimizer": {"type": "AdamW", "params": [0.1]}}, "optimizer.params", [0.1]),

@@ -3,7 +3,8 @@
 `ZeroStore` is the interface the engine (`engine.py`, `step.py`) and training checkpoints (`resume.py`,
 `resume_optim.py`) use; `build_store` picks the store for `zero_optimization.stage`:
   stage 0  `replicated.ReplicatedState`: every DP rank holds the whole optimizer state of its TP shard;
-  1, 2     `partitioned.PartitionedState`: flat buckets, each DP rank owns one slice of every bucket.
+  1, 2     `partitioned.PartitionedState`: flat buckets, each DP rank owns one slice of every bucket;
+  3        `fsdp.FullyShardedState`: the parameters too, each TP shard sharded over DP by PyTorch's FSDP2.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn as nn
 
 from ..collective_errors import raise_on_every_rank
 from ..config import AutoTPConfig, ConfigError
+from .fsdp import FullyShardedState
 from .partitioned import PartitionedState
 from .replicated import ReplicatedState
 
@@ -29,8 +31,8 @@ class ZeroStore(Protocol):
     model's parameters); the optimizer then only ever sees `grads()`' owners."""
 
     stage: int
-    """The ZeRO stage (0, 1, 2). Saved in a checkpoint's `engine.pt`: it says how many optimizer files each TP rank
-    wrote (one at stage 0, one per DP rank at 1 and 2)."""
+    """The ZeRO stage (0-3). Saved in a checkpoint's `engine.pt`: it says how many optimizer files each TP rank
+    wrote (one at stage 0, one per DP rank at 1, 2 and 3)."""
     params: list[nn.Parameter]
     """The model's trainable parameters (TP shards), in model order; `Engine.params`."""
     names: list[str]
@@ -87,7 +89,9 @@ def build_store(cfg: AutoTPConfig, model: nn.Module, optimizer, groups, device: 
     params, names = [param for _, param in named], [name for name, _ in named]
     store, error = None, None
     try:
-        if cfg.zero.stage == 0:
+        if cfg.zero.stage == 3:  # takes the model over: FSDP2 replaces its parameters by DP-sharded DTensors
+            store = FullyShardedState(model, optimizer, groups, cfg, device)
+        elif cfg.zero.stage == 0:
             store = ReplicatedState(params, names, optimizer, groups, cfg.zero.reduce_bucket_size,
                                     mixed_precision=cfg.bf16 or cfg.fp16)
         else:
