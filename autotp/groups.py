@@ -101,12 +101,16 @@ def build_groups(tp_size: int) -> ParallelGroups:
 
 
 def groups_from_mesh(mesh) -> ParallelGroups:
-    """A DeviceMesh with a 'tp' dimension and optionally a 'dp' dimension."""
+    """A DeviceMesh with a 'tp' dimension and optionally a 'dp' one (or 'fsdp', the TP chapter's and torchtitan's
+    name for the same dimension)."""
     names = tuple(mesh.mesh_dim_names or ())
     if "tp" not in names:
-        raise ConfigError(f"device_mesh dimensions {names} must include 'tp' (and optionally 'dp')")
+        raise ConfigError(f"device_mesh dimensions {names} must include 'tp' (and optionally 'dp' or 'fsdp')")
+    if "dp" in names and "fsdp" in names:
+        raise ConfigError(f"device_mesh dimensions {names}: 'dp' and 'fsdp' name the same dimension, keep one")
+    dp_name = "dp" if "dp" in names else "fsdp" if "fsdp" in names else None
     tp_group = mesh.get_group("tp")
-    dp_group = mesh.get_group("dp") if "dp" in names else None
+    dp_group = mesh.get_group(dp_name) if dp_name else None
     return ParallelGroups(tp_group, dp_group, dist.get_world_size(tp_group), dist.get_rank(tp_group),
                           dist.get_world_size(dp_group) if dp_group is not None else 1,
                           dist.get_rank(dp_group) if dp_group is not None else 0, device_mesh=mesh)

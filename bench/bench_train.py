@@ -60,6 +60,19 @@ def build_model(layers: int, shape: str = "llama3-8b"):
     return model, config
 
 
+def _dtensor_tp(model, mesh) -> None:
+    """PyTorch's `parallelize_module` plan for Llama over `mesh` (the DTensor peer's TP)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {f"self_attn.{p}_proj": ColwiseParallel() for p in "qkv"}
+    plan.update({"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
+                 "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
+    for layer in model.model.layers:
+        parallelize_module(layer, mesh, plan)
+    parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+
+
 def setup(args, model):
     """(forward, backward, step, world, rank, dp) for the chosen provider."""
     if args.provider == "single":
@@ -100,22 +113,40 @@ def setup(args, model):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
         dp = dist.get_world_size() // args.tp
+    elif args.provider == "fsdp2":  # PyTorch's own TP x ZeRO-3 (torchtitan's recipe): DTensor TP, FSDP2 over DP
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        dp = dist.get_world_size() // args.tp
+        mesh = init_device_mesh("cuda", (dp, args.tp), mesh_dim_names=("dp", "tp"))
+        model = model.float().cuda()  # fp32 sharded masters, bf16 compute: autotp's and DeepSpeed's recipe
+        if args.tp > 1:
+            _dtensor_tp(model, mesh["tp"])
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh["dp"], mp_policy=policy)
+        fully_shard(model, mesh=mesh["dp"], mp_policy=policy)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return ((lambda ids: model(input_ids=ids, labels=ids).loss), (lambda loss: loss.backward()), step,
+                dist.get_world_size(), dist.get_rank(), dp)
     else:  # dtensor: pure TP over all ranks
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Replicate
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local))
         mesh = init_device_mesh("cuda", (dist.get_world_size(),), mesh_dim_names=("tp",))
         model = model.cuda()
-        plan = {f"self_attn.{p}_proj": ColwiseParallel() for p in "qkv"}
-        plan.update({"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
-                     "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
-        for layer in model.model.layers:
-            parallelize_module(layer, mesh, plan)
-        parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+        _dtensor_tp(model, mesh)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)
 
         def step():
@@ -130,7 +161,7 @@ def setup(args, model):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--provider", choices=["autotp", "deepspeed", "dtensor", "single", "all"], default="autotp")
+    parser.add_argument("--provider", choices=["autotp", "deepspeed", "dtensor", "fsdp2", "single", "all"], default="autotp")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--zero", type=int, default=0)
     parser.add_argument("--layers", type=int, default=8)
@@ -175,7 +206,7 @@ def main():
                                                           torch.profiler.ProfilerActivity.CUDA])
             profiler.__enter__()
         ids = torch.randint(0, config.vocab_size, (args.micro_batch * dp, args.seq), generator=gen)
-        dp_rank = rank // args.tp if args.provider in ("autotp", "deepspeed") else 0
+        dp_rank = rank // args.tp if args.provider in ("autotp", "deepspeed", "fsdp2") else 0
         ids = ids[dp_rank * args.micro_batch:(dp_rank + 1) * args.micro_batch].cuda()
         torch.cuda.synchronize()
         start = time.perf_counter()

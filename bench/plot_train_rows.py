@@ -18,7 +18,8 @@ def main(path: str, out: str) -> None:
         rows = list(csv.DictReader(handle))
     single = next((float(r["tokens_per_s_per_gpu"]) for r in rows if r["provider"] == "single"), None)
     labels = [r["provider"] if r["provider"] == "single" else
-              f"{r['provider']} TP{r['tp']} Z{r['zero']}{' SP' if r.get('sequence_parallel') == '1' else ''}\n"
+              f"{r['provider']} TP{r['tp']}{' DP' + r['dp'] if r.get('dp', '1') != '1' else ''} Z{r['zero']}"
+              f"{' SP' if r.get('sequence_parallel') == '1' else ''}\n"
               f"{r.get('optimizer') or ''} {r.get('version') or ''}".rstrip()
               for r in rows]
     tokens = [float(r["tokens_per_s_per_gpu"]) for r in rows]

@@ -49,7 +49,10 @@ def training_args(output_dir: str, deepspeed=None, **overrides):
 def ds_config(tp: int, stage: int = 0, **extra):
     config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
               "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
-              "zero_optimization": {"stage": stage}, "tensor_parallel": {"autotp_size": tp}}
+              "zero_optimization": {"stage": stage, **({"stage3_prefetch_bucket_size": "auto",
+                                                        "stage3_param_persistence_threshold": "auto"}
+                                                       if stage == 3 else {})},
+              "tensor_parallel": {"autotp_size": tp}}
     config.update(extra)
     return config
 

@@ -47,13 +47,14 @@ def _train_tp_dp(rank, world_size, family, tp, gas, clip, lr, use_mesh):
     model = tiny_model(family)
     dp = world_size // tp
     config = {"train_batch_size": MICRO * gas * dp, "train_micro_batch_size_per_gpu": MICRO,
-              "gradient_clipping": clip, "zero_optimization": {"stage": 0},
+              "gradient_clipping": clip, "zero_optimization": {"stage": 3 if use_mesh == "fsdp" else 0},
               "optimizer": {"type": "AdamW", "params": {"lr": lr, "eps": 1e-3, "weight_decay": 0.01}}}
     kwargs = {}
     if use_mesh:
         from torch.distributed.device_mesh import init_device_mesh
 
-        kwargs["device_mesh"] = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+        # "fsdp": the TP chapter's (and torchtitan's) name for the DP dimension, here with ZeRO-3 over it
+        kwargs["device_mesh"] = init_device_mesh("cpu", (dp, tp), mesh_dim_names=(use_mesh, "tp"))
     else:
         config["tensor_parallel"] = {"autotp_size": tp}
     engine, _, _, _ = autotp.initialize(model=model, config=config, **kwargs)
@@ -72,7 +73,7 @@ def _train_tp_dp(rank, world_size, family, tp, gas, clip, lr, use_mesh):
     return engine.consolidated_state_dict(), norms, (engine.tp_rank, engine.dp_rank)
 
 
-@pytest.mark.parametrize("tp,gas,use_mesh", [(2, 2, True), (2, 1, False), (4, 1, False)])
+@pytest.mark.parametrize("tp,gas,use_mesh", [(2, 2, "dp"), (2, 1, None), (4, 1, None), (2, 1, "fsdp")])
 def test_zero0_matches_single_process(tp, gas, use_mesh):
     family, clip, lr, world = "qwen3", 0.5, 1e-2, 4
     results = run_distributed(world, _train_tp_dp, family, tp, gas, clip, lr, use_mesh)

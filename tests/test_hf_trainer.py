@@ -65,7 +65,7 @@ def _compare(ref, got):
         torch.testing.assert_close(got[1][name], value, rtol=0, atol=WEIGHT_ATOL, msg=name)
 
 
-@pytest.mark.parametrize("world,tp,stage", [(2, 2, 0), (4, 2, 1)])
+@pytest.mark.parametrize("world,tp,stage", [(2, 2, 0), (4, 2, 1), (4, 2, 3)])
 def test_trainer_matches_dense(tmp_path, world, tp, stage):
     ref = run_distributed(1, _dense, str(tmp_path / "dense"), {}, False)[0]
     got = run_distributed(world, _autotp, str(tmp_path / "tp"), tp, stage, {}, False, None)

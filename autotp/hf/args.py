@@ -72,7 +72,8 @@ def dp_size_of(raw: dict, world_size: int) -> int:
 
 def fill_auto(raw: dict, args, hidden_size: Optional[int]) -> dict:
     """A copy of `raw` with the `"auto"` values that the arguments decide filled in (batch sizes with the DP size;
-    optimizer, warm-up peak, clipping, bf16/fp16; `reduce_bucket_size` = hidden_size^2 as transformers sets it)."""
+    optimizer, warm-up peak, clipping, bf16/fp16; `reduce_bucket_size` = hidden_size^2 and the stage-3 bucket and
+    persistence sizes as transformers sets them)."""
     raw = copy.deepcopy(raw)
     fill = _Filler(raw)
     dp = dp_size_of(raw, args.world_size)
@@ -89,8 +90,11 @@ def fill_auto(raw: dict, args, hidden_size: Optional[int]) -> dict:
     fill("scheduler.params.warmup_max_lr", args.learning_rate, "learning_rate")
     fill("fp16.enabled", bool(args.fp16 or args.fp16_full_eval), "fp16 or fp16_full_eval")
     fill("bf16.enabled", bool(args.bf16 or args.bf16_full_eval), "bf16 or bf16_full_eval")
-    if hidden_size is not None:
+    if hidden_size is not None:  # transformers' values for DeepSpeed, from the model's hidden size
         fill("zero_optimization.reduce_bucket_size", hidden_size * hidden_size, "", must_match=False)
+        fill("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size), "",
+             must_match=False)
+        fill("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size, "", must_match=False)
     fill.check()
     leftover = sorted(_autos(raw, "", exclude=("scheduler.params.total_num_steps",
                                                "scheduler.params.warmup_num_steps")))

@@ -44,8 +44,9 @@ _GATHER_DTYPE = "_autotp_gather_dtype"  # on a sharded parameter: the dtype its 
 def dp_mesh(groups, device: torch.device) -> DeviceMesh:
     """The 1-D mesh FSDP2 shards over: the DP dimension of a given DeviceMesh, else this TP rank's DP group."""
     mesh = groups.device_mesh
-    if mesh is not None and "dp" in (mesh.mesh_dim_names or ()):
-        return mesh["dp"]
+    for name in ("dp", "fsdp"):  # groups.groups_from_mesh accepts either name for the DP dimension
+        if mesh is not None and name in (mesh.mesh_dim_names or ()):
+            return mesh[name]
     group = groups.dp_group
     if group is None:  # DP size 1 from a mesh or group without one: a group of this rank alone (collective)
         group, _ = dist.new_subgroups(group_size=1)
