@@ -192,6 +192,7 @@ LOADS = {  # name: (checkpoint of, tp, stage, dtype key)
     "s3 at s1": ("s3_fp32", 2, 1, None),
     "s3 at s1 tp1": ("s3_fp32", 1, 1, None),
     "s1 tp1 at s3": ("s1_tp1", 2, 3, None),
+    "s3 tp2 at s3 tp4": ("s3_fp32", 4, 3, None),  # TP 2 -> 4 at stage 3 (KV heads replicated at TP 4)
 }
 
 
