@@ -145,6 +145,11 @@ def main():
                           "step_s": round(step_s, 4), "tokens_per_s_per_gpu": round(tokens / step_s / world, 1),
                           "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
                           "train_loss": round(result.training_loss, 4)}))
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave together: a rank that exits while another still reads gloo sockets aborts it
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
