@@ -18,7 +18,7 @@ from . import comm
 from .collective_errors import raise_on_every_rank
 from .lora import adapter_state_names, is_peft_model
 from .shard import ShardLayout, layout_of, local_shape, unshard_tensor
-from .zero.fsdp import gather_dp
+from .zero.dp_shards import gather_dp
 
 
 def _global_rank() -> int:

@@ -39,7 +39,7 @@ from .resume_files import (FORMAT_VERSION, LATEST, CheckpointError, Reader, chec
                            resolve_tag, write_file)
 from .resume_optim import load_optimizer, optimizer_payload
 from .shard import layout_of
-from .zero.fsdp import dp_local_part, gather_dp
+from .zero.dp_shards import dp_local_part, gather_dp
 
 logger = logging.getLogger("autotp")
 

@@ -20,137 +20,23 @@ optimizer's foreach/fused kernels, which refuse a mix, see DTensors only.
 
 TP gradient hooks (`grad_sync.py`: a replicated parameter's gradient summed over TP, KV replicas) were registered
 on the parameters before sharding; FSDP2 computes with other tensors (its unsharded parameters), so the hooks move
-onto those (`_move_tp_grad_hooks`).
+onto those (`fsdp_units.move_tp_grad_hooks`).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 
 from ..shard import layout_of, mark_sharded
+from .dp_shards import GATHER_DTYPE_ATTR, dp_mesh, dp_rows
+from .fsdp_units import move_tp_grad_hooks, plan_units
 from .norm import count_once_weights, weighted_sumsq
-
-_GATHER_DTYPE = "_autotp_gather_dtype"  # on a sharded parameter: the dtype its consolidated copy is gathered in
-
-
-def dp_mesh(groups, device: torch.device) -> DeviceMesh:
-    """The 1-D mesh FSDP2 shards over: the DP dimension of a given DeviceMesh, else this TP rank's DP group."""
-    mesh = groups.device_mesh
-    for name in ("dp", "fsdp"):  # groups.groups_from_mesh accepts either name for the DP dimension
-        if mesh is not None and name in (mesh.mesh_dim_names or ()):
-            return mesh[name]
-    group = groups.dp_group
-    if group is None:  # DP size 1 from a mesh or group without one: a group of this rank alone (collective)
-        group, _ = dist.new_subgroups(group_size=1)
-    return DeviceMesh.from_group(group, device.type)
-
-
-def dp_rows(param: DTensor) -> tuple[int, int]:
-    """(first row, rows) of a TP shard that this DP rank's local shard of `param` holds: FSDP2 cuts dim 0 as
-    `torch.chunk` does, ceil(n/dp) rows a rank."""
-    rows, dp = param.shape[0], param.device_mesh.size()
-    rank = param.device_mesh.get_local_rank()
-    per_rank = math.ceil(rows / dp)
-    start = min(rank * per_rank, rows)
-    length = param.to_local().shape[0]
-    if length != max(0, min(per_rank, rows - start)):
-        raise RuntimeError(f"autotp ZeRO-3: FSDP2 holds {length} rows of a {tuple(param.shape)} tensor on DP rank "
-                           f"{rank}/{dp}, expected rows from {start} in chunks of {per_rank}")
-    return start, length
-
-
-def dp_local_part(param: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(where to write, what to write) for `value`, a whole TP shard, into `param`: for an FSDP2-sharded parameter
-    this DP rank's rows of both; otherwise the tensors themselves."""
-    if not isinstance(param, DTensor):
-        return param, value
-    start, length = dp_rows(param)
-    return param.to_local(), value.narrow(0, start, length)
-
-
-def gather_dp(param: torch.Tensor) -> torch.Tensor:
-    """A sharded parameter's whole TP shard, gathered over DP (collective over the DP group) in its save dtype
-    (`gather_16bit_weights_on_model_save`); any other tensor as it is."""
-    if not isinstance(param, DTensor):
-        return param.detach()
-    local = param.to_local().detach()
-    dtype = getattr(param, _GATHER_DTYPE, None)
-    if dtype is not None:
-        local = local.to(dtype)  # cast before gathering: half the traffic of a gather in fp32
-    gathered = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                                  stride=param.stride())
-    return gathered.full_tensor()
-
-
-def _outermost_module_lists(model: nn.Module) -> list[nn.ModuleList]:
-    lists, prefixes = [], []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and not any(name.startswith(p + ".") for p in prefixes):
-            lists.append(module)
-            prefixes.append(name)
-    return lists
-
-
-def plan_units(model: nn.Module, bucket: int, persistent: set) -> list[list[nn.Module]]:
-    """The FSDP2 units below the root, in forward order: the input embedding, then decoder layers grouped while
-    a group holds at most `bucket` elements. A module sharing a parameter with anything outside it stays in the
-    root (FSDP2 shards a parameter in one unit only)."""
-    uses: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        uses[id(param)] = uses.get(id(param), 0) + 1
-
-    def numel_if_unit(module: nn.Module) -> int:
-        inside: dict[int, int] = {}
-        for _, param in module.named_parameters(remove_duplicate=False):
-            inside[id(param)] = inside.get(id(param), 0) + 1
-        if any(uses[key] != count for key, count in inside.items()):
-            return 0
-        return sum(p.numel() for p in module.parameters() if p not in persistent)
-
-    units: list[list[nn.Module]] = []
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if isinstance(embedding, nn.Module) and numel_if_unit(embedding):
-        units.append([embedding])
-    for blocks in _outermost_module_lists(model):
-        group, size = [], 0
-        for block in blocks:
-            numel = numel_if_unit(block)
-            if numel == 0:
-                continue
-            if group and size + numel > bucket:
-                units.append(group)
-                group, size = [], 0
-            group.append(block)
-            size += numel
-        if group:
-            units.append(group)
-    return units
-
-
-def _move_tp_grad_hooks(model: nn.Module, fsdp_modules: list[FSDPModule], hooks_by_name: dict) -> None:
-    """Give each sharded parameter's unsharded tensor (what forward and backward use) the tensor hooks its
-    pre-FSDP parameter had. FSDP2 creates that tensor at its first all-gather and keeps it (only its storage is
-    freed between uses), so one unshard per unit here sets it up; the hooks' dict is shared, so the TP state's
-    handles still remove them."""
-    moved = set()
-    for module in fsdp_modules:
-        module.unshard()
-        for name, param in model.named_parameters():
-            if name in hooks_by_name and name not in moved and not isinstance(param, DTensor):
-                param._backward_hooks = hooks_by_name[name]  # the setter registers the dict with autograd
-                moved.add(name)
-        module.reshard()
-    missing = sorted(set(hooks_by_name) - moved)
-    if missing:
-        raise RuntimeError(f"autotp ZeRO-3: the TP gradient hook of '{missing[0]}' found no unsharded parameter")
 
 
 class FullyShardedState:
@@ -208,8 +94,8 @@ class FullyShardedState:
             if name in layouts:
                 mark_sharded(param, *layouts[name])
             if isinstance(param, DTensor) and gather_dtype is not None and param.requires_grad:
-                setattr(param, _GATHER_DTYPE, gather_dtype)
-        _move_tp_grad_hooks(model, fsdp_modules, hooks_by_name)
+                setattr(param, GATHER_DTYPE_ATTR, gather_dtype)
+        move_tp_grad_hooks(model, fsdp_modules, hooks_by_name)
 
         self.names = [name for name, _ in trainable]
         self.params = [now[name] for name in self.names]
