@@ -231,3 +231,44 @@ def test_fp16_loss_scaling_skips_overflow():
     assert [n is None for n in two[1]] == [n is None for n in one[1]]  # every rank skips together, TP or not
     assert two[0] == pytest.approx(one[0], rel=1e-3)
     assert one[0][-1] < one[0][0] - 0.2  # it learned
+
+
+def _evaluate_only(rank, world, out, tp):
+    """No training: evaluate() and predict() on 10 samples (not a multiple of the global eval batch of 4: the last
+    batch is padded and the padding dropped), and an object gather."""
+    import autotp.hf
+    import transformers
+
+    model = H.tiny_model()
+    data = H.TokenDataset(10, seed=4)
+    # Batches of 2 samples in both runs: eval_loss is a mean of per-batch means, so the batches must be the same
+    # (DP=2 x 2 reads samples [0,1] [2,3] | [4,5] [6,7] | [8,9] [padding]).
+    if tp:
+        args = H.training_args(out, deepspeed=H.ds_config(tp), per_device_eval_batch_size=2)
+        trainer = autotp.hf.Trainer(model=model, args=args, eval_dataset=data)
+    else:
+        args = H.training_args(out, per_device_eval_batch_size=2)
+        trainer = transformers.Trainer(model=model, args=args, eval_dataset=data)
+    loss = trainer.evaluate()["eval_loss"]
+    prediction = trainer.predict(data)
+    dp_rank = trainer._autotp_groups.dp_rank if tp else 0
+    objects = trainer.accelerator.gather_for_metrics([f"dp{dp_rank}"], use_gather_object=True)
+    return loss, torch.as_tensor(prediction.predictions), torch.as_tensor(prediction.label_ids), objects
+
+
+def test_evaluate_predict_over_dp_with_remainder(tmp_path):
+    """TP=2 x DP=2 against the stock Trainer under DDP on 2 processes, the same DP layout: transformers' distributed
+    eval_loss differs from its one-process value on this padded last batch (4.674 against 4.859 here), and autotp
+    must report what the stock Trainer reports for the same data layout. Predictions and labels equal the one-process
+    run's as well."""
+    one = run_distributed(1, _evaluate_only, str(tmp_path / "one"), 0)[0]
+    ref = run_distributed(2, _evaluate_only, str(tmp_path / "ddp"), 0)[0]
+    got = run_distributed(4, _evaluate_only, str(tmp_path / "tp"), 2)
+    assert torch.equal(ref[1], one[1]) and torch.equal(ref[2], one[2])
+    for rank_result in got:  # every rank reports the same metrics
+        assert rank_result[0] == pytest.approx(ref[0], rel=LOSS_RTOL)
+        assert rank_result[1].shape == ref[1].shape == (10, H.SEQ, H.VOCAB)
+        # atol 1e-5: the same weights (no training), logits differ only by fp32 summation order across TP
+        torch.testing.assert_close(rank_result[1], ref[1], rtol=0, atol=1e-5)
+        assert torch.equal(rank_result[2], ref[2])
+        assert rank_result[3] == ["dp0", "dp1"]  # one entry per DP rank, not one per process

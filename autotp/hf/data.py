@@ -4,7 +4,8 @@ Every rank of a TP group must read the same batch, and DP ranks disjoint ones. a
 loaders over `num_processes` / `process_index` and gathers metrics over all processes; `DPView` is the trainer's
 `Accelerator` seen with the DP size and DP rank in their place, so the data loaders (accelerate's own
 `prepare_data_loader`, seedable sampler and `skip_first_batches` included) shard over DP exactly as a DP-only run
-of the same size would, and `gather_for_metrics` keeps one copy of each TP group's result.
+of the same size would, and `gather_for_metrics` (tensors and, with `eval_use_gather_object`, Python objects) keeps
+one copy of each TP group's result.
 """
 
 from __future__ import annotations
@@ -44,10 +45,34 @@ class DPView:
 
         return recursively_apply(one_per_tp_group, gathered)
 
+    def gather_object(self, data) -> list:
+        """Every DP rank's list of objects, once: TP rank 0's of each DP rank, in DP-rank order."""
+        import torch.distributed as dist
+
+        per_rank = [None] * self._world
+        dist.all_gather_object(per_rank, data)
+        return [item for rank_data in per_rank[::self._tp_size] for item in rank_data]
+
+    def gather_for_metrics(self, data, use_gather_object: bool = False):
+        """accelerate's `gather_for_metrics` over DP: tensors through `gather`, other objects through
+        `gather_object`, then the padding samples of the last batch dropped (`gradient_state.remainder`)."""
+        from accelerate.utils import recursively_apply
+
+        try:
+            recursively_apply(lambda x: x, data, error_on_other_type=True)
+        except TypeError:
+            use_gather_object = True
+        gathered = self.gather_object(data) if use_gather_object else self.gather(data)
+        state = self._accelerator.gradient_state
+        if not state.end_of_dataloader or state.remainder <= 0:  # -1: no length; 0: nothing padded
+            return gathered
+        if use_gather_object:
+            return gathered[:state.remainder]
+        return recursively_apply(lambda tensor: tensor[:state.remainder], gathered)
+
 
 def shard_over_dp(accelerator, groups) -> None:
     """Point `accelerator`'s data-loader preparation and `gather_for_metrics` at the DP group (`DPView`)."""
     view = DPView(accelerator, groups)
-    cls = type(accelerator)
-    accelerator.prepare_data_loader = functools.partial(cls.prepare_data_loader, view)
-    accelerator.gather_for_metrics = functools.partial(cls.gather_for_metrics, view)
+    accelerator.prepare_data_loader = functools.partial(type(accelerator).prepare_data_loader, view)
+    accelerator.gather_for_metrics = view.gather_for_metrics
