@@ -91,8 +91,12 @@ def _train_tp(rank, world_size, family, tp, stage, save_dir):
     held = [p for group in optimizer.param_groups for p in group["params"]]
     out["store_names_lora"] = all("lora_" in name for name in engine.store.names)
     out["frozen_in_optimizer"] = sum(id(p) in frozen for p in held)
-    out["optimizer_numel"] = sum(p.numel() for p in held)
-    out["state_numel"] = sum(t.numel() for state in optimizer.state.values() for t in state.values() if t.dim())
+    def local(tensor):  # ZeRO-3's masters and state are DTensors: numel() would be the global size
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    out["optimizer_numel"] = sum(local(p).numel() for p in held)
+    out["state_numel"] = sum(local(t).numel() for state in optimizer.state.values() for t in state.values()
+                             if t.dim())
     out["trainable_numel"] = sum(p.numel() for p in trainable)
     out["buckets"] = len(getattr(engine.store, "buckets", ()))  # ZeRO-1/2: each pads its slice by < 128
 
@@ -103,6 +107,8 @@ def _train_tp(rank, world_size, family, tp, stage, save_dir):
         out["plain_save"] = None
     except RuntimeError as err:
         out["plain_save"] = str(err)
+    if stage == 3:  # FSDP2 units hold peft's wrappers: merge from the saved adapter instead (README)
+        return out
     merged = model.merge_and_unload()  # each rank merges its shards; the base layers then do their own collectives
     ids = _global_batch(STEPS, 1)[0]
     with torch.no_grad():
@@ -117,7 +123,8 @@ def _safetensors(directory: str) -> dict:
     return load_file(os.path.join(directory, "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("family,tp,world,stage", [("llama", 2, 2, 0), ("qwen3", 2, 4, 2), ("llama", 4, 4, 1)])
+@pytest.mark.parametrize("family,tp,world,stage", [("llama", 2, 2, 0), ("qwen3", 2, 4, 2), ("llama", 4, 4, 1),
+                                                    ("llama", 2, 4, 3)])
 def test_lora_training_matches_dense(tmp_path, family, tp, world, stage):
     """TP=2 at ZeRO-0; TP=2 x DP=2 at ZeRO-2 (Qwen3's q/k norms, marked for a gradient sum over TP, are frozen
     here); TP=4 at ZeRO-1, where the 2 KV heads are replicated on 2 ranks each, and so are the rows of k/v's
@@ -134,9 +141,10 @@ def test_lora_training_matches_dense(tmp_path, family, tp, world, stage):
         assert result["optimizer_numel"] <= -(-result["trainable_numel"] // dp) + 128 * result["buckets"], result
         assert result["state_numel"] == 2 * result["optimizer_numel"], result  # exp_avg, exp_avg_sq
         assert "autotp.save_pretrained" in result["plain_save"]
-        assert result["merged_loss"] == pytest.approx(dense["merged_loss"], rel=LOSS_TOLERANCE["rtol"])
+        if stage < 3:
+            assert result["merged_loss"] == pytest.approx(dense["merged_loss"], rel=LOSS_TOLERANCE["rtol"])
     first = results[0]
-    assert all(r["adapter"] is None and r["merged"] is None for r in results[1:]), "rank 0 only"
+    assert all(r["adapter"] is None and r.get("merged") is None for r in results[1:]), "rank 0 only"
     assert set(first["adapter"]) == set(dense["adapter"])
     for name, expected in dense["adapter"].items():
         torch.testing.assert_close(first["adapter"][name], expected, **WEIGHT_TOLERANCE, msg=name)
@@ -153,6 +161,8 @@ def test_lora_training_matches_dense(tmp_path, family, tp, world, stage):
     assert configs[0] == configs[1]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")], "temporary directory left behind"
 
+    if stage == 3:
+        return
     assert set(first["merged"]) == set(dense["merged"])
     for name, expected in dense["merged"].items():
         torch.testing.assert_close(first["merged"][name], expected, **WEIGHT_TOLERANCE, msg=name)
