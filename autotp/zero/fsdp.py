@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
@@ -37,6 +36,7 @@ from ..shard import layout_of, mark_sharded
 from .dp_shards import GATHER_DTYPE_ATTR, dp_mesh, dp_rows
 from .fsdp_units import move_tp_grad_hooks, plan_units
 from .norm import count_once_weights, weighted_sumsq
+from .replicated import all_reduce_mean
 
 
 class FullyShardedState:
@@ -165,20 +165,7 @@ class FullyShardedState:
                 grad = torch.zeros(self.params[index].shape, dtype=torch.float32, device=self.device)
             grads.append(grad)
         if self.dp_size > 1 and grads:
-            start = 0
-            while start < len(grads):
-                end, numel = start, 0
-                while end < len(grads) and (end == start or numel + grads[end].numel() <= self.bucket_size):
-                    numel += grads[end].numel()
-                    end += 1
-                flat = torch.cat([g.reshape(-1) for g in grads[start:end]])
-                dist.all_reduce(flat, group=self.mesh.get_group())
-                flat.div_(self.dp_size)
-                offset = 0
-                for grad in grads[start:end]:
-                    grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-                    offset += grad.numel()
-                start = end
+            all_reduce_mean(grads, self.mesh.get_group(), self.dp_size, self.bucket_size)
         for index, grad in zip(self._persistent, grads):
             master = self.masters[index]
             master.grad = DTensor.from_local(grad, self.mesh, [Replicate()], run_check=False)

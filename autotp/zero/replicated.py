@@ -13,6 +13,26 @@ import torch.nn as nn
 from .norm import count_once_weights, weighted_sumsq
 
 
+def all_reduce_mean(grads: list[torch.Tensor], group, size: int, bucket_size: int) -> None:
+    """Replace each of `grads` (one dtype) by its mean over `group` (`size` ranks), all-reduced in flat pieces of at
+    most `bucket_size` elements (a larger tensor alone). Every rank must pass the same shapes in the same order."""
+    start = 0
+    while start < len(grads):
+        end, numel = start, 0
+        while end < len(grads) and (end == start or numel + grads[end].numel() <= bucket_size):
+            numel += grads[end].numel()
+            end += 1
+        chunk = grads[start:end]
+        flat = torch.cat([g.reshape(-1) for g in chunk])
+        dist.all_reduce(flat, group=group)
+        flat.div_(size)
+        offset = 0
+        for g in chunk:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        start = end
+
+
 class ReplicatedState:
     """The `ZeroStore` of stage 0 (see `zero/__init__.py`)."""
 
@@ -65,21 +85,7 @@ class ReplicatedState:
                 param.grad = torch.zeros_like(param)
             buckets.setdefault(param.grad.dtype, []).append(param.grad)
         for grads in buckets.values():
-            start = 0
-            while start < len(grads):
-                end, numel = start, 0
-                while end < len(grads) and (end == start or numel + grads[end].numel() <= self.bucket_size):
-                    numel += grads[end].numel()
-                    end += 1
-                chunk = grads[start:end]
-                flat = torch.cat([g.reshape(-1) for g in chunk])
-                dist.all_reduce(flat, group=self.groups.dp_group)
-                flat.div_(self.groups.dp_size)
-                offset = 0
-                for g in chunk:
-                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                    offset += g.numel()
-                start = end
+            all_reduce_mean(grads, self.groups.dp_group, self.groups.dp_size, self.bucket_size)
 
     # ---- step ----------------------------------------------------------------------------------------
     def grads(self) -> list[torch.Tensor]:
