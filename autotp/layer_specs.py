@@ -54,13 +54,18 @@ def _normalize_shape(shape, path: str):
     return tuple(out)
 
 
+def _reject_unknown(raw: dict, known: set, path: str, what: str) -> None:
+    """Fail on the first key of `raw` not in `known`, naming it, its value and the nearest known key."""
+    unknown = sorted(set(raw) - known, key=str)
+    if unknown:
+        hint = nearest_hint(unknown[0], known, path + ".")
+        _fail(f"{path}.{unknown[0]}", raw[unknown[0]], f"unknown {what}{hint} (known: {sorted(known)})")
+
+
 def parse_layer_spec(raw: Any, path: str) -> LayerSpec:
     if not isinstance(raw, dict):
         _fail(path, raw, "each layer spec must be an object")
-    unknown = sorted(set(raw) - _SPEC_KEYS, key=str)
-    if unknown:
-        hint = nearest_hint(unknown[0], _SPEC_KEYS, path + ".")
-        _fail(f"{path}.{unknown[0]}", raw[unknown[0]], f"unknown layer-spec key{hint} (known: {sorted(_SPEC_KEYS)})")
+    _reject_unknown(raw, _SPEC_KEYS, path, "layer-spec key")
     patterns = raw.get("patterns")
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -121,10 +126,7 @@ def parse_partition_config(raw: Any, path: str = "tensor_parallel.partition_conf
         return raw
     if not isinstance(raw, dict):
         _fail(path, raw, "must be an object")
-    unknown = sorted(set(raw) - _PARTITION_KEYS, key=str)
-    if unknown:
-        hint = nearest_hint(unknown[0], _PARTITION_KEYS, path + ".")
-        _fail(f"{path}.{unknown[0]}", raw[unknown[0]], f"unknown key{hint} (known: {sorted(_PARTITION_KEYS)})")
+    _reject_unknown(raw, _PARTITION_KEYS, path, "key")
     specs_raw = raw.get("layer_specs", [])
     if not isinstance(specs_raw, list):
         _fail(f"{path}.layer_specs", specs_raw, "must be a list")
