@@ -19,6 +19,13 @@ pytest.importorskip("accelerate")
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 
 
+def _eval_metrics(trainer) -> dict:
+    """evaluate()'s metrics, and predict()'s logits of the eval samples under "predictions"."""
+    metrics = trainer.evaluate()
+    metrics["predictions"] = torch.as_tensor(trainer.predict(H.TokenDataset(8, seed=2)).predictions)
+    return metrics
+
+
 def _dense(rank, world, out, overrides, evaluate):
     import autotp.hf  # noqa: F401  (hooks installed: a plain run must be unaffected)
     import transformers
@@ -28,11 +35,7 @@ def _dense(rank, world, out, overrides, evaluate):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=H.TokenDataset(),
                                    eval_dataset=H.TokenDataset(8, seed=2))
     trainer.train()
-    if evaluate:
-        metrics = trainer.evaluate()
-        metrics["predictions"] = torch.as_tensor(trainer.predict(H.TokenDataset(8, seed=2)).predictions)
-    else:
-        metrics = {}
+    metrics = _eval_metrics(trainer) if evaluate else {}
     return H.losses(trainer), {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
 
 
@@ -47,11 +50,7 @@ def _autotp(rank, world, out, tp, stage, overrides, evaluate, save_dir):
     trainer = autotp.hf.Trainer(model=model, args=args, train_dataset=H.TokenDataset(),
                                 eval_dataset=H.TokenDataset(8, seed=2))
     trainer.train()
-    if evaluate:
-        metrics = trainer.evaluate()
-        metrics["predictions"] = torch.as_tensor(trainer.predict(H.TokenDataset(8, seed=2)).predictions)
-    else:
-        metrics = {}
+    metrics = _eval_metrics(trainer) if evaluate else {}
     if save_dir:
         trainer.save_model(save_dir)
     full = autotp.consolidated_state_dict(model)
