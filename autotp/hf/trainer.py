@@ -30,6 +30,7 @@ from ..engine import Engine
 from ..groups import init_distributed
 from ..optim import build_optimizer, build_scheduler, prefer_fused
 from ..placement import place_model, shard_model
+from ..plan import model_dims
 from ..resume import CheckpointError
 from ..topology import resolve_topology
 from ..zero import build_store
@@ -38,11 +39,6 @@ from .data import shard_over_dp
 from .optimizer import StoreOptimizer
 
 CHECKPOINT_TAG = "autotp"  # the engine checkpoint's directory inside a Trainer checkpoint
-
-
-def _hidden_size(model):
-    config = getattr(model, "config", None)
-    return getattr(config, "hidden_size", None) or getattr(getattr(config, "text_config", None), "hidden_size", None)
 
 
 class AutoTPTrainerMixin:
@@ -60,7 +56,7 @@ class AutoTPTrainerMixin:
             raise ConfigError("TrainingArguments.load_best_model_at_end = True is not supported by autotp.hf yet: "
                               "save with save_model and reload")
         init_distributed()
-        raw = fill_auto(raw, self.args, _hidden_size(self.model))
+        raw = fill_auto(raw, self.args, model_dims(getattr(self.model, "config", None)).hidden or None)
         cfg, groups = resolve_topology(self.model, raw)
         if self.args.fp16 and not cfg.fp16:  # accelerate's GradScaler cannot see the ZeRO store's gradients
             raise ConfigError("TrainingArguments.fp16 = True needs the DeepSpeed config's fp16.enabled (true or "
