@@ -83,21 +83,23 @@ class _ParallelLinear(nn.Module):
         elif getattr(self, name) is None:
             self.register_buffer(name, build().to(self.weight.device), persistent=False)
 
-    def fused_gemm(self, x: torch.Tensor, comm_bytes: int) -> Optional[str]:
+    def fused_gemm(self, x: torch.Tensor, op: str, K: int, N: int, rows: Optional[int] = None) -> Optional[str]:
         """The GEMM to run under a fused collective (`cublas` or `triton`), or None for GEMM then NCCL.
 
-        Fused needs CUDA and a TP group of 2-8 ranks; `triton` always fuses, `auto` from TUNING.min_bytes of
-        traffic up (no crossover is measured yet, so by default `auto` keeps cuBLAS then NCCL)."""
+        `op` (AR, RS or AG) and the local GEMM's `rows` (default: x's) x K x N name the fused op. Fused needs CUDA and a TP
+        group of 2-8 ranks; `triton` always fuses, `auto` where the committed table measured this shape's fused
+        op faster than cuBLAS then NCCL (`autotp_kernels.auto_table`)."""
         kernels = self.mode.kernels
         if kernels == "torch" or self.layout.tp_size == 1:
             return None
         if not x.is_cuda and not _fused_emulated():
             return None  # fused ops need CUDA peer memory: on the CPU nothing imports the kernel package (triton)
-        from autotp_kernels import fused, symm  # imported on use: triton is only needed for this path
+        from autotp_kernels import auto_table, fused, symm  # imported on use: triton is only needed here
 
-        if kernels == "auto" and comm_bytes < fused.TUNING.min_bytes:
-            return None
         if not (x.is_cuda and symm.available(self.tp_group)) and not fused.TUNING.emulate:
+            return None
+        if kernels == "auto" and not (fused.TUNING.always or auto_table.fuses(
+                op, self.layout.tp_size, x[..., :1].numel() if rows is None else rows, K, N)):
             return None
         return "triton" if kernels == "triton" else "cublas"
 
@@ -144,8 +146,9 @@ class ColumnParallelLinear(_ParallelLinear):
         gather = mode.gathers()
         # A LoRA wrapper's copy of the input: its backward all-reduces the base's and the adapter's gradients at once.
         wrapped = mode.adapter_call is not None and mode.adapter_call.take(x)
+        # Fused here is the backward's dgrad [M, N/R] @ [N/R, K] + all-reduce.
         gemm = None if mode.sequence_parallel or gather or wrapped else self.fused_gemm(
-            x, x.numel() * x.element_size())
+            x, "AR", self.out_features, self.in_features)
         if gemm is not None:
             from autotp_kernels.tp_linear import ColumnLinearGradAllReduce
 
@@ -191,7 +194,7 @@ class RowParallelLinear(_ParallelLinear):
                 x = comm.split_to_tp(x, self.tp_group, self.split_sizes)
             else:
                 x = comm.copy_to_tp(x, self.tp_group).index_select(-1, self.input_index)
-        gemm = self.fused_gemm(x, self._output_bytes(x))
+        gemm = self.fused_gemm(x, "RS" if mode.sequence_parallel else "AR", self.in_features, self.out_features)
         if mode.sequence_parallel:
             # Every rank adds the bias to its own rows; the bias gradient is summed over TP with the norms'.
             y = self._reduce_scatter_sequence(x, gemm)
@@ -202,10 +205,6 @@ class RowParallelLinear(_ParallelLinear):
         else:
             y = comm.reduce_from_tp(_linear(x, self.weight, None, self.conv1d, mode.kernels), self.tp_group)
         return y + self.bias if self.bias is not None else y
-
-    def _output_bytes(self, x) -> int:
-        """Bytes of the unreduced output [..., N]: what the all-reduce or reduce-scatter moves."""
-        return x[..., :1].numel() * self.out_features * x.element_size()
 
     def _reduce_scatter_sequence(self, x, gemm: Optional[str]):
         """x [B, S, K/R] (the region gathered the sequence) -> y [B, S/R, N]: the partial sums are reduce-scattered
@@ -261,7 +260,9 @@ def gather_region_input(entry: RegionEntry, x_shard_s: torch.Tensor, group, leng
     sums the region's column layers' partial input gradients). Where the entry layers run fused, the gather runs
     under their GEMMs and each product waits in `entry` for its layer."""
     layers = entry.layers
-    gemm = layers[0].fused_gemm(x_shard_s, x_shard_s.numel() * x_shard_s.element_size()) if layers else None
+    # Decided on the gathered GEMM [M, K] @ [K, sum of the entry layers' N/R].
+    gemm = layers[0].fused_gemm(x_shard_s, "AG", x_shard_s.shape[-1], sum(m.out_features for m in layers),
+                                rows=x_shard_s[..., :1].numel() * comm.group_size(group)) if layers else None
     if gemm is not None and x_shard_s.dim() == 3 and length % comm.group_size(group) == 0:
         x_full, *products = _GatherMatmuls.apply(x_shard_s, group, gemm, layers, *[m.weight for m in layers])
         entry.hold(x_full, products)

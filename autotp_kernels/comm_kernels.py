@@ -1,15 +1,15 @@
-"""The fused collectives' one kernel: the owner's fixed-order sum of W partial products, read from every rank.
+"""The fused collectives' kernels: the owner's fixed-order sum of its W incoming slots, and a polling wait.
 
-`fused.matmul_reduce` launches it per chunk on a side stream, after stream waits saw every peer's READY for that
-chunk, so it never waits inside: each program loads its block of this rank's rows from the W ranks' symmetric
-buffers (peers over NVLink, through a table of their addresses), sums them in rank order 0..W-1 in fp32, rounds
-once, and stores the result back into all W buffers (all-reduce: each peer then copies it locally) or into the
-local output (reduce-scatter). Same bits on every rank and in every run (no atomics).
+`fused.matmul_reduce` launches `reduce_slots` per piece on a side stream, after stream waits saw every peer's
+READY for that piece, so it never waits inside. The peers' partial products were already pushed into this
+rank's slots by their GEMMs, so it reads local memory only: each program sums its block over the W slots in
+rank order 0..W-1 in fp32, rounds once, and stores into the output (and for an all-reduce into this rank's own
+slot, which the peers' copy engines read). Same bits on every rank and in every run (no atomics).
 
-Why SM loads and stores instead of the copy engine (bench/results/fused_notes.md, 4 x H200): copy-engine pulls
-of the peers' rows into a stage, a local reduction and copy-engine pulls of the result moved an 8192 x 4096
-bf16 all-reduce in ~0.5 ms, against 0.33 ms for NCCL; here the peers' rows are read once and the result written
-once, with enough programs in flight to fill the links, and no stage round trip.
+Why local slots instead of reading the peers' buffers here (bench/results/fused_notes.md): a reduction that
+pulled peers' rows through SM loads needed the SMs a persistent cuBLAS GEMM holds, so the two ran one after
+the other (fused 0.66-0.97 ms against 0.43-0.89 ms for cuBLAS then NCCL, 2 x H200, M=8192); pushed from the
+GEMM's epilogue, the bytes cross NVLink while the GEMM runs and this kernel only touches local HBM.
 """
 
 from __future__ import annotations
@@ -19,64 +19,59 @@ import triton.language as tl
 
 
 @triton.jit
-def reduce_peers_kernel(
+def reduce_slots_kernel(
     # pointers
-    table_ptr, out_ptr,
+    slots_ptr, out_ptr,
     # sizes and offsets (elements)
     offset, elems, out_offset,
     # strides (elements)
-    stride_seg, stride_out_seg,
+    stride_slot, stride_seg, stride_out_seg,
+    # which slot keeps the sum (KEEP)
+    keep,
     # meta-parameters
-    W: tl.constexpr, STORE_ALL: tl.constexpr, BLOCK: tl.constexpr,
+    W: tl.constexpr, KEEP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """sum = sum over q = 0..W-1 of buf_q[s * stride_seg + offset + i], fp32, in rank order, where buf_q is the
-    address in table[q]. STORE_ALL: buf_q[same place] = sum for every q; else out[s * stride_out_seg +
-    out_offset + i] = sum. Grid (programs, segments): each program strides over its segment's `elems` contiguous
-    elements BLOCK at a time, so the grid stays as small as the caller wants (see `reduce_peers`)."""
+    """sum = sum over q = 0..W-1 of slots[q * stride_slot + s * stride_seg + offset + i], fp32, in rank order;
+    out[s * stride_out_seg + out_offset + i] = sum, and with KEEP slots[keep * stride_slot + same] = sum.
+    Grid (programs, segments): each program strides over its segment's `elems` contiguous elements BLOCK at a
+    time, so the grid stays as small as the caller wants (see `reduce_slots`)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     seg = tl.program_id(1).to(tl.int64)
     for start in range(pid * BLOCK, elems, programs * BLOCK):
-        offs = start + tl.arange(0, BLOCK)  # int32: a chunk has under 2^31 elements per segment
+        offs = start + tl.arange(0, BLOCK)  # int32: a piece has under 2^31 elements per segment
         mask = offs < elems
         at = seg * stride_seg + offset + offs
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for q in tl.static_range(W):
-            buf = tl.load(table_ptr + q).to(tl.pointer_type(out_ptr.dtype.element_ty))
-            acc += tl.load(buf + at, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(slots_ptr + q * stride_slot + at, mask=mask, other=0.0).to(tl.float32)
         total = acc.to(out_ptr.dtype.element_ty)
-        if STORE_ALL:
-            for q in tl.static_range(W):
-                buf = tl.load(table_ptr + q).to(tl.pointer_type(out_ptr.dtype.element_ty))
-                tl.store(buf + at, total, mask=mask)
-        else:
-            tl.store(out_ptr + seg * stride_out_seg + out_offset + offs, total, mask=mask)
+        tl.store(out_ptr + seg * stride_out_seg + out_offset + offs, total, mask=mask)
+        if KEEP:
+            tl.store(slots_ptr + keep * stride_slot + at, total, mask=mask)
 
 
-def reduce_peers(table, like, row_elems: int, rows: tuple, seg: int, seg_elems: int, out=None,
-                 out_row0: int = 0, block: int = 8192, programs: int = 32, warps: int = 16) -> None:
-    """Rows [lo, hi) of the W buffers in `table` (int64 addresses of [seg, S, N] buffers, `seg_elems` = S * N
-    per segment, `row_elems` = N): summed and stored back into every buffer, or, given `out` ([seg, R, N],
-    contiguous rows), stored at out rows [out_row0, out_row0 + hi - lo). `like` is a tensor of the data's dtype
-    (the kernel's store type when `out` is None).
-
-    `programs` bounds the SMs the reduction takes from the GEMM it overlaps (a grid of one program per block
-    took every SM the GEMM freed, at high priority, and the two ran no faster than one after the other:
-    bench/results/fused_notes.md); `block` elements per rank per step keep W x 16 KB (bf16) of loads in flight
-    per program, which NVLink's microseconds of latency need."""
+def reduce_slots(slots, rows: tuple, out, out_row0: int, keep=None, block: int = 4096, programs: int = 132,
+                 warps: int = 8) -> None:
+    """Rows [lo, hi) of every segment of the W slots `slots` [W, SEG, R, N] (contiguous), summed in rank order
+    and stored at out [SEG, *, N] rows [out_row0, out_row0 + hi - lo), and into slots[keep] when `keep` is a
+    rank. `programs` bounds the SMs it takes from the GEMM it runs under."""
     lo, hi = rows
-    elems = (hi - lo) * row_elems
+    W, seg, R, N = slots.shape
+    elems = (hi - lo) * N
     if elems == 0:
         return
     if elems + programs * block >= 2**31:  # the kernel's in-segment offsets are int32
-        raise ValueError(f"reduce_peers: {elems} elements in one chunk of one segment; at most "
-                         f"{2**31 - programs * block - 1} (use more chunks: AUTOTP_FUSED_CHUNK_ROWS)")
-    target = like if out is None else out
-    if out is not None and (out.stride(2) != 1 or out.stride(1) != row_elems):
-        raise ValueError(f"reduce_peers: the output's rows must be contiguous, got strides {out.stride()}")
-    grid = (max(1, min(triton.cdiv(elems, block), programs // seg)), seg)
-    reduce_peers_kernel[grid](table, target, lo * row_elems, elems, out_row0 * row_elems, seg_elems,
-                              target.stride(0) if out is not None else 0, W=table.numel(), STORE_ALL=out is None,
+        raise ValueError(f"reduce_slots: {elems} elements in one piece of one segment; at most "
+                         f"{2**31 - programs * block - 1} (use more pieces: AUTOTP_FUSED_CHUNK_ROWS)")
+    if not slots.is_contiguous():
+        raise ValueError(f"reduce_slots: the slots must be contiguous, got strides {slots.stride()}")
+    if out.dtype != slots.dtype or out.stride(2) != 1 or out.stride(1) != N:
+        raise ValueError(f"reduce_slots: the output must be {slots.dtype} with contiguous rows of {N}, got "
+                         f"{out.dtype} strides {out.stride()}")
+    grid = (max(1, min(triton.cdiv(elems, block), max(1, programs // seg))), seg)
+    reduce_slots_kernel[grid](slots, out, lo * N, elems, out_row0 * N, slots.stride(0), slots.stride(1),
+                              out.stride(0), 0 if keep is None else keep, W=W, KEEP=keep is not None,
                               BLOCK=block, num_warps=warps)
 
 

@@ -7,38 +7,42 @@
   all_gather_matmul(x_shard, weights, group)  all-gather the sequence shards, multiply by each weight
                                               (sequence-parallel column layer forward, row layer backward)
 
-How the overlap works (nothing spins; ranks synchronise with stream waits, `cuda_driver`):
-  all-reduce       The GEMM runs on the compute stream in J chunks of rows into this rank's symmetric buffer;
-                   chunk j's rows are split among the W ranks. After chunk j, a stream write raises READY(me, j) on
-                   every peer. On a side stream each rank waits for every peer's READY(q, j), then one kernel
-                   (`comm_kernels.reduce_peers`) reads its rows of chunk j from all W buffers (peers over NVLink),
-                   sums them in rank order in fp32 and stores the sum back into all W buffers; RDONE(me, j) tells
-                   the peers. A collect stream waits for every owner's RDONE(o, j) and copies the chunk's rows
-                   from the local buffer into the output.
-  reduce-scatter   The same reduction, stored into the local output only, no RDONE; rank o's rows are its
-                   sequence shard, chunk j being piece j of every shard.
+How the overlap works (nothing spins; ranks synchronise with stream writes and waits, `cuda_driver`):
+  reduce-scatter   Two-shot and pushed. Rank o owns rows [o*S/W, (o+1)*S/W) (its sequence shard) and every
+                   rank's symmetric buffer has W incoming slots, slot q for rank q's partial of the owner's rows.
+                   Each rank multiplies the owners' rows piece by piece in rank-rotated order (`issue_order`),
+                   and each GEMM stores straight into the owner's slot (over NVLink, from cuBLAS's own epilogue;
+                   with TUNING.push = "copy", into a local stage the copy engine then pushes), then raises
+                   READY(me, piece) on the owner. So the data moves while the next GEMMs run, and no SM is spent
+                   moving it. The owner, once its own piece and every peer's READY are in, sums its W slots in
+                   rank order in fp32 (`comm_kernels.reduce_slots`, local HBM only) into the output.
+  all-reduce       The same over the flattened rows (reduce-scatter, then all-gather): the owner also keeps the
+                   sum in its own slot and raises RDONE on every peer, whose copy engine pulls those rows into
+                   its output. Each rank moves 2(W-1)/W of the output, not the W-1 whole partials of a one-shot.
   all-gather+GEMM  Every rank puts its shard in its buffer and raises XREADY; the copy engine pulls peer shards in
                    rank-shifted order while the GEMM multiplies the shards already here.
+Every row is summed by one rank in a fixed order with no atomics: the same bits on every rank and in every run.
 Concurrency contract: an op's side streams (reduce, collect, copy) start after everything the compute stream had
 queued when the op was called, and the compute stream waits for them at `join` (the end of the op, or with
 `defer_join` the next fused op or `join(group)`). Every op is watched: one that outlives `TUNING.timeout_s`
 releases its waits and turns into FusedCommError (`watchdog`). Activations are [SEG, S, K] (batch, sequence,
 features); 2-D inputs are one segment.
 
-`sequential_*` are the cuBLAS-then-NCCL paths: the fallback below `TUNING.min_bytes` and the reference in tests
-and benchmarks.
+`sequential_*` are the cuBLAS-then-NCCL paths: the fallback where `kernels: auto` does not fuse and the
+reference in tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from . import cuda_driver, symm
-from .comm_kernels import reduce_peers, wait_flags
+from .comm_kernels import reduce_slots, wait_flags
 from .gemm import matmul
 from .symm import MAX_CHUNKS, rdone_index, ready_index, shard_index
 from .watchdog import WATCHDOG
@@ -46,34 +50,26 @@ from .watchdog import WATCHDOG
 
 @dataclass
 class FusedTuning:
-    """Defaults from bench/bench_tp_overlap.py --sweep on 4 x H200 (bench/results/tp_overlap_sweep_w4.csv, Llama-3-8B
-    down projection at TP=4, M=8192): no chunking, carveout or grid size overlapped the reduction with the GEMM
-    (every setting took about GEMM + reduction, 0.76-0.94 ms; more chunks or a carveout only added time), so the
-    defaults are the fastest single settings measured: 4096-row chunks, no carveout, a full-size grid."""
+    """Knobs of the fused ops; the defaults are the fastest settings bench/bench_tp_overlap.py --sweep measured
+    (bench/results/README.md)."""
     chunk_rows: int = int(os.environ.get("AUTOTP_FUSED_CHUNK_ROWS", "4096"))
-    """Target rows per GEMM chunk (all ranks' rows together): smaller chunks shorten the exposed tail, larger ones
-    keep the GEMM efficient and cost less host time (~120 us of host time per chunk at W=4)."""
-    block: int = 8192
-    """Elements per rank each reduction program loads per step (16 KB of bf16: W x 16 KB in flight)."""
+    """Target rows per piece (all owners' rows together): smaller pieces shorten the exposed tail (the last
+    piece's reduction and gather), larger ones keep the GEMM efficient and cost less host time."""
+    push: str = os.environ.get("AUTOTP_FUSED_PUSH", "epilogue")
+    """How a partial product reaches its owner: `epilogue` (the GEMM stores into the owner's slot over NVLink)
+    or `copy` (the GEMM stores locally, the copy engine pushes). Several operand pairs always use `copy`:
+    accumulating into a peer's slot would read it back over the links."""
     reduce_programs: int = int(os.environ.get("AUTOTP_FUSED_REDUCE_PROGRAMS", "132"))
-    """Programs of the reduction kernel (H200 has 132 SMs): what it may take from a GEMM it runs under. 32
-    programs reduced no faster under the GEMM and 16 were too few to keep the links busy (1.19 vs 0.87 ms)."""
-    min_bytes: int = int(os.environ.get("AUTOTP_FUSED_MIN_BYTES", str(1 << 62)))
-    """`kernels: auto` fuses (with cuBLAS chunks) when the collective moves at least this many bytes; below,
-    cuBLAS then NCCL. By default `auto` never fuses: on 4 and 2 H200s the fused all-reduce and reduce-scatter
-    were slower than cuBLAS then NCCL at every measured size (bench/results/README.md); `kernels: triton` always
-    fuses."""
+    """Programs of the slot reduction (H200 has 132 SMs): what it may take from a GEMM it runs under."""
+    always: bool = os.environ.get("AUTOTP_FUSED_ALWAYS") == "1"
+    """`kernels: auto` fuses every shape instead of consulting the measured table (`auto_table`): for tests and
+    benchmarks of the fused path in a whole model."""
     emulate: bool = os.environ.get("AUTOTP_FUSED_EMULATE") == "1"
     """Let the TP layers take their fused code paths without CUDA peer memory: the ops then run cuBLAS (or CPU
     BLAS) then NCCL (or gloo). For debugging and for CPU tests of the layers' wiring."""
-    sm_carveout: int = int(os.environ.get("AUTOTP_FUSED_SM_CARVEOUT", "0"))
-    """SMs that cuBLAS leaves free during chunks 1..J-1 of a fused all-reduce / reduce-scatter for the previous
-    chunk's reduction (torch's `_set_sm_carveout_experimental`). A persistent cuBLAS GEMM holds every SM until
-    it ends; 16 or 32 SMs left free did not make the two overlap on H200 and slowed the GEMM (0.88-0.91 ms
-    against 0.87 at 2048-row chunks, 4 GPUs; 1.31 against 1.00 ms at 2 GPUs), so off by default."""
     wait: str = os.environ.get("AUTOTP_FUSED_WAIT", "stream")
-    """How the all-reduce / reduce-scatter side streams wait for peers' flags: `stream` (cuStreamWaitValue32,
-    holds nothing) or `kernel` (`comm_kernels.wait_flags`, a one-warp polling kernel)."""
+    """How side streams wait for peers' flags: `stream` (cuStreamWaitValue32, holds nothing) or `kernel`
+    (`comm_kernels.wait_flags`, a one-warp polling kernel)."""
     timeout_s: float = float(os.environ.get("AUTOTP_FUSED_TIMEOUT_S", "300"))
     """An op not complete this long after it was issued releases its waits and raises FusedCommError."""
 
@@ -82,7 +78,6 @@ TUNING = FusedTuning()
 # torch 2.13's names for the flat collectives (the old ones warn on every call); torch 2.11 has only the old ones.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_CAN_CARVE_OUT = hasattr(torch._C, "_set_sm_carveout_experimental")
 
 
 def _mm(a, b, out, accumulate: bool, gemm: str):
@@ -103,22 +98,28 @@ def _gemm_rows(pairs, out, lo: int, hi: int, gemm: str):
 
 
 def chunks(S: int) -> int:
-    """Chunks of an op over S rows: about TUNING.chunk_rows rows each, at most MAX_CHUNKS."""
+    """Pieces an op splits every owner's rows into: about TUNING.chunk_rows rows per piece over all owners
+    together, at most MAX_CHUNKS."""
     return max(1, min(MAX_CHUNKS, round(S / TUNING.chunk_rows)))
 
 
-def owner_rows(j: int, S: int, world: int, pieces: int, scatter: bool) -> list:
-    """[(lo, hi)] per owner rank of chunk j of `pieces`. All-reduce: chunk j is rows [j*S/J, (j+1)*S/J), split
-    evenly among the ranks. Reduce-scatter: a rank owns its sequence shard [o*S/W, (o+1)*S/W), and chunk j is
-    piece j of every shard."""
-    if scatter:
-        rows = []
-        for o in range(world):
-            base, size = (o * S) // world, ((o + 1) * S) // world - (o * S) // world
-            rows.append((base + (j * size) // pieces, base + ((j + 1) * size) // pieces))
-        return rows
-    lo, hi = (j * S) // pieces, ((j + 1) * S) // pieces
-    return [(lo + (o * (hi - lo)) // world, lo + ((o + 1) * (hi - lo)) // world) for o in range(world)]
+def owner_range(o: int, S: int, world: int) -> tuple:
+    """Rows [lo, hi) of the S rows that rank o reduces: its sequence shard (reduce-scatter) or its 1/W of the
+    flattened rows (all-reduce)."""
+    return (o * S) // world, ((o + 1) * S) // world
+
+
+def piece_range(p: int, pieces: int, size: int) -> tuple:
+    """Rows [lo, hi) of piece p of an owner's `size` rows, relative to the owner's first row."""
+    return (p * size) // pieces, ((p + 1) * size) // pieces
+
+
+def issue_order(me: int, world: int, pieces: int) -> list:
+    """(piece, owner) in the order rank `me` computes them: piece by piece, and within a piece the owners
+    rank-rotated from me + 1, its own rows last. At a given moment every rank pushes to a different peer (no two
+    ranks write the same links' far end at once), and a piece's own rows, which only need the local store, come
+    after the rows whose transfer then runs under them."""
+    return [(p, (me + i) % world) for p in range(pieces) for i in range(1, world + 1)]
 
 
 def _check_pairs(pairs):
@@ -132,45 +133,93 @@ def _check_pairs(pairs):
 
 
 @dataclass
+class _Step:
+    """One (piece, owner) of this rank's partial product: the GEMM rows and where they land."""
+    rows: list      # [(segment, lo, hi)]: rows of the inputs a_i (absolute)
+    outs: list      # [segment] -> the tensor the GEMM writes: the owner's slot for this rank (a peer's memory
+                    # when pushed by the epilogue) or the local stage (pushed by the copy engine)
+    copies: list    # [(dst, src, nbytes)]: copy-engine pushes of the stage into the owner's slot (copy mode)
+    ready: Optional[int]  # the owner's READY(me, piece) flag address, None for this rank's own rows
+
+
+@dataclass
 class _ReducePlan:
-    """What one (shape, epoch parity) of `matmul_reduce` issues, precomputed: row ranges, flag and copy
-    addresses and the table of the W ranks' buffer addresses. Built on the first call of a shape and reused, so
-    a call's host time is the launches and driver calls themselves."""
-    table: torch.Tensor  # int64 [W]: every rank's partial-product buffer of this parity (peers' are mapped)
-    gemm_rows: list      # [chunk] -> [(lo, hi)] rows of the partial product the compute stream writes
-    ready: list          # [chunk] -> flag addresses on the peers: READY(me, j)
-    ready_waits: list    # [chunk] -> flag addresses here: READY(q, j) of every peer
-    mine: list           # [chunk] -> (lo, hi): the rows this rank reduces
-    rdone: list          # [chunk] -> flag addresses on the peers: RDONE(me, j)       (all-reduce only)
-    rdone_waits: list    # [chunk] -> flag addresses here: RDONE(o, j) of every peer  (all-reduce only)
-    collect: list        # [chunk] -> [(dst offset in out, src, bytes)]: the chunk's reduced rows, local copy
-    ready_table: list    # [chunk] -> int64 tensor of ready_waits (for TUNING.wait == "kernel")
-    rdone_table: list    # [chunk] -> int64 tensor of rdone_waits
+    """What one (shape, epoch parity, push mode) of `matmul_reduce` issues, precomputed on its first call: GEMM
+    targets, flag and copy addresses. A call's host time is then the launches and driver calls themselves."""
+    steps: list          # [(piece, owner) in issue_order] -> _Step
+    slots: torch.Tensor  # [W, SEG, R, N]: this rank's incoming slots, slot q = rank q's partial of my rows
+    ready_waits: list    # [piece] -> flag addresses here: READY(q, piece) for every peer q
+    ready_table: list    # [piece] -> the same, an int64 tensor (TUNING.wait == "kernel")
+    mine: list           # [piece] -> (lo, hi): rows of my slots to reduce (relative to my first row)
+    rdone: list          # [piece] -> flag addresses on the peers: RDONE(me, piece)        (all-reduce only)
+    rdone_waits: list    # [piece] -> flag addresses here: RDONE(o, piece) of every peer  (all-reduce only)
+    rdone_table: list
+    collect: list        # [piece] -> [(dst byte offset in out, src, nbytes)]: peers' reduced rows (all-reduce)
 
 
-def _reduce_plan(ws, partial, S: int, N: int, scatter: bool, pieces: int, epoch: int) -> _ReducePlan:
-    world, me = ws.world, ws.rank
-    seg, elem = partial.shape[0], partial.element_size()
-    seg_bytes, row_bytes = S * N * elem, N * elem
+def slot_rows(S: int, world: int) -> int:
+    return -(-S // world)
+
+
+def reduce_bytes(seg: int, S: int, N: int, world: int, elem: int, push: str) -> int:
+    """Per-parity data bytes of an op: W incoming slots, and in copy mode a local stage of the same size."""
+    return (2 if push == "copy" else 1) * world * seg * slot_rows(S, world) * N * elem
+
+
+def _reduce_plan(ws, seg: int, S: int, N: int, dtype: torch.dtype, scatter: bool, pieces: int, epoch: int,
+                 push: str) -> _ReducePlan:
+    world, me, elem = ws.world, ws.rank, dtype.itemsize
+    R = slot_rows(S, world)
+    slot_bytes = seg * R * N * elem
+    row_bytes = N * elem
+
+    def slots_of(rank, base):
+        view = ws.region(rank, epoch)[base:base + world * slot_bytes]
+        return view.view(dtype).view(world, seg, R, N)
+
+    peers_slots = [slots_of(o, 0) for o in range(world)]
+    stage = slots_of(me, world * slot_bytes) if push == "copy" else None
+    plan = _ReducePlan([], peers_slots[me], [], [], [], [], [], [], [])
+    for p, o in issue_order(me, world, pieces):
+        o_lo, o_hi = owner_range(o, S, world)
+        lo, hi = piece_range(p, pieces, o_hi - o_lo)
+        rows = [(s, o_lo + lo, o_lo + hi) for s in range(seg)]
+        copies = []
+        if o == me or push == "epilogue":
+            outs = [peers_slots[o][me, s, lo:hi] for s in range(seg)]
+        else:
+            outs = [stage[o, s, lo:hi] for s in range(seg)]
+            offset = me * slot_bytes  # slot `me` of the owner
+            copies = [(ws.data_ptr(o, epoch) + offset + (s * R + lo) * row_bytes,
+                       ws.data_ptr(me, epoch) + world * slot_bytes + o * slot_bytes + (s * R + lo) * row_bytes,
+                       (hi - lo) * row_bytes) for s in range(seg) if hi > lo]
+        plan.steps.append(_Step(rows, outs, copies, None if o == me else ws.flag_addr(o, ready_index(me, p))))
     peers = [(me + i) % world for i in range(1, world)]
-    table = torch.tensor([ws.data_ptr(q, epoch) for q in range(world)], dtype=torch.int64, device=partial.device)
-    plan = _ReducePlan(table, [], [], [], [], [], [], [], [], [])
-    for j in range(pieces):
-        r = owner_rows(j, S, world, pieces, scatter)
-        plan.gemm_rows.append(list(r) if scatter else [(r[0][0], r[-1][1])])
-        plan.ready.append([ws.flag_addr(o, ready_index(me, j)) for o in peers])
-        plan.ready_waits.append([ws.flag_addr(me, ready_index(q, j)) for q in peers])
-        plan.mine.append(r[me])
-        plan.ready_table.append(torch.tensor(plan.ready_waits[-1], dtype=torch.int64, device=partial.device))
+    m_lo, m_hi = owner_range(me, S, world)
+    for p in range(pieces):
+        plan.ready_waits.append([ws.flag_addr(me, ready_index(q, p)) for q in peers])
+        plan.ready_table.append(torch.tensor(plan.ready_waits[-1], dtype=torch.int64, device=plan.slots.device))
+        plan.mine.append(piece_range(p, pieces, m_hi - m_lo))
         if scatter:
             continue
-        plan.rdone.append([ws.flag_addr(o, rdone_index(me, j)) for o in peers])
-        plan.rdone_waits.append([ws.flag_addr(me, rdone_index(o, j)) for o in peers])
-        plan.rdone_table.append(torch.tensor(plan.rdone_waits[-1], dtype=torch.int64, device=partial.device))
-        lo, hi = r[0][0], r[-1][1]
-        plan.collect.append([(s * seg_bytes + lo * row_bytes, ws.data_ptr(me, epoch) + s * seg_bytes + lo * row_bytes,
-                              (hi - lo) * row_bytes) for s in range(seg) if hi > lo])
+        plan.rdone.append([ws.flag_addr(o, rdone_index(me, p)) for o in peers])
+        plan.rdone_waits.append([ws.flag_addr(me, rdone_index(o, p)) for o in peers])
+        plan.rdone_table.append(torch.tensor(plan.rdone_waits[-1], dtype=torch.int64, device=plan.slots.device))
+        collect = []
+        for o in peers:  # all-reduce: one segment (matmul_reduce flattens), rank o's reduced rows in its slot o
+            o_lo, o_hi = owner_range(o, S, world)
+            lo, hi = piece_range(p, pieces, o_hi - o_lo)
+            if hi > lo:
+                collect.append(((o_lo + lo) * row_bytes, ws.data_ptr(o, epoch) + o * slot_bytes + lo * row_bytes,
+                                (hi - lo) * row_bytes))
+        plan.collect.append(collect)
     return plan
+
+
+def _gemm_into(pairs, rows, outs, gemm: str):
+    for (s, lo, hi), out in zip(rows, outs):
+        for i, (a, b) in enumerate(pairs):
+            _mm(a[s, lo:hi], b, out, i > 0, gemm)
 
 
 def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", defer_join: bool = False):
@@ -181,72 +230,79 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     a0, b0 = pairs[0]
     if not a0.is_cuda:  # no peer memory: the same function, unfused
         return sequential_matmul_reduce(pairs, group, scatter=scatter, gemm=gemm)
+    shape = a0.shape
+    if not scatter:  # an all-reduce's rows are rows, whatever the segments: one segment, fewest GEMM calls
+        pairs = [(a.reshape(1, -1, a.shape[2]), b) for a, b in pairs]
+        a0 = pairs[0][0]
     seg, S, N = a0.shape[0], a0.shape[1], b0.shape[1]
-    ws = symm.workspace(group, a0.device, seg * S * N * a0.element_size())
-    world, me = ws.world, ws.rank
+    # Accumulating into a peer's memory would read it back over NVLink: several products go through the stage.
+    push = "copy" if len(pairs) > 1 else TUNING.push
+    world = dist.get_world_size(group)
+    ws = symm.workspace(group, a0.device, reduce_bytes(seg, S, N, world, a0.element_size(), push))
+    me = ws.rank
     if scatter and S % world:
         raise ValueError(f"fused reduce-scatter: sequence {S} is not divisible by {world} ranks")
     epoch = ws.next_epoch()
-    partial = ws.data_view(me, epoch, (seg, S, N), a0.dtype)
-    out = torch.empty((seg, S // world if scatter else S, N), dtype=a0.dtype, device=a0.device)
+    m_lo, m_hi = owner_range(me, S, world)
+    out = torch.empty((seg, m_hi - m_lo if scatter else S, N), dtype=a0.dtype, device=a0.device)
     pieces = chunks(S)
-    key = ("reduce", seg, S, N, a0.dtype, scatter, pieces, epoch % 2)
+    key = ("reduce", seg, S, N, a0.dtype, scatter, pieces, epoch % 2, push)
     plan = ws.plans.get(key)
     if plan is None:
-        plan = ws.plans[key] = _reduce_plan(ws, partial, S, N, scatter, pieces, epoch)
+        plan = ws.plans[key] = _reduce_plan(ws, seg, S, N, a0.dtype, scatter, pieces, epoch, push)
     compute = torch.cuda.current_stream(a0.device).cuda_stream
-    reducer, collector = ws.reduce_stream.cuda_stream, ws.collect_stream.cuda_stream
+    pusher, reducer = ws.copy_stream.cuda_stream, ws.reduce_stream.cuda_stream
+    collector = ws.collect_stream.cuda_stream
     start = ws.events("start", 1)[0]
     start.record(compute)  # the side streams start here: after the inputs and the previous op's join
-    start.wait(reducer)
-    if not scatter:
-        start.wait(collector)
-    # Phase 1, compute stream: every chunk's GEMM, each followed by its READY on every peer. All of a rank's
-    # signals are issued before any of its waits, so no wait can sit in a hardware queue ahead of a signal that
-    # some peer needs (CUDA maps streams onto a few queues: CUDA_DEVICE_MAX_CONNECTIONS).
-    chunk_done = ws.events("chunk", pieces)
-    carveout = TUNING.sm_carveout if gemm == "cublas" and pieces > 1 and _CAN_CARVE_OUT else 0
-    before = torch._C._get_sm_carveout_experimental() if carveout else None
-    try:
-        for j in range(pieces):
-            if j == 1 and carveout:  # chunk 0 has no reduction to share the GPU with
-                torch._C._set_sm_carveout_experimental(carveout)
-            for lo, hi in plan.gemm_rows[j]:
-                _gemm_rows(pairs, partial, lo, hi, gemm)
-            for addr in plan.ready[j]:
-                cuda_driver.write_value(compute, addr, epoch)
-            chunk_done[j].record(compute)
-    finally:
-        if carveout:
-            torch._C._set_sm_carveout_experimental(before)
-    # Phase 2, per chunk: once every peer's READY is here, reduce this rank's rows from all W buffers (the
-    # kernel reads the peers over NVLink) and, for an all-reduce, store the sum back into all W buffers and raise
-    # RDONE; the collect stream copies the chunk's rows, reduced by their W owners, into the output locally.
-    reduced = ws.events("reduced", pieces)
+    for stream in (reducer, collector) if not scatter else (reducer,):
+        start.wait(stream)
+    # Phase 1: every step's GEMM on the compute stream, each followed by its READY on the owner (epilogue push:
+    # the GEMM stored straight into the owner's slot; copy push: the copy engine moves the stage first, on the
+    # push stream). All of a rank's signals are issued before any of its waits, so no wait can sit in a
+    # hardware queue ahead of a signal some peer needs (CUDA maps streams onto few queues).
+    gemm_done = ws.events("gemm", len(plan.steps))
+    own_done = ws.events("own", pieces)
+    for index, (p, o) in enumerate(issue_order(me, world, pieces)):
+        step = plan.steps[index]
+        _gemm_into(pairs, step.rows, step.outs, gemm)
+        if step.ready is None:
+            own_done[p].record(compute)
+        elif not step.copies:
+            cuda_driver.write_value(compute, step.ready, epoch)
+        else:
+            gemm_done[index].record(compute)
+            gemm_done[index].wait(pusher)
+            for dst, src, nbytes in step.copies:
+                cuda_driver.copy(pusher, dst, src, nbytes)
+            cuda_driver.write_value(pusher, step.ready, epoch)
+    # Phase 2, per piece: once this rank's own rows and every peer's READY are here, sum the W slots in rank
+    # order (local memory only) into the output; an all-reduce also keeps the sum in slot `me` and raises RDONE,
+    # and the collect stream pulls each owner's reduced rows with the copy engine.
     with torch.cuda.stream(ws.reduce_stream):
-        for j in range(pieces):
-            chunk_done[j].wait(reducer)
-            _await_flags(reducer, plan.ready_waits[j], plan.ready_table[j], epoch)
-            # Reduce-scatter: into the output, whose row 0 is this rank's first sequence row.
-            reduce_peers(plan.table, partial, N, plan.mine[j], seg, S * N, out=out if scatter else None,
-                         out_row0=plan.mine[j][0] - me * (S // world), block=TUNING.block,
+        for p in range(pieces):
+            own_done[p].wait(reducer)
+            _await_flags(reducer, plan.ready_waits[p], plan.ready_table[p], epoch)
+            lo, hi = plan.mine[p]
+            reduce_slots(plan.slots, (lo, hi), out, lo if scatter else m_lo + lo, keep=None if scatter else me,
                          programs=TUNING.reduce_programs)
             if scatter:
                 continue
-            for addr in plan.rdone[j]:
+            for addr in plan.rdone[p]:
                 cuda_driver.write_value(reducer, addr, epoch)
-            reduced[j].record(reducer)
+    side = [ws.reduce_stream]
     if not scatter:
         out_ptr = out.data_ptr()
         with torch.cuda.stream(ws.collect_stream):
-            for j in range(pieces):
-                reduced[j].wait(collector)
-                _await_flags(collector, plan.rdone_waits[j], plan.rdone_table[j], epoch)
-                for dst, src, nbytes in plan.collect[j]:
+            for p in range(pieces):
+                _await_flags(collector, plan.rdone_waits[p], plan.rdone_table[p], epoch)
+                for dst, src, nbytes in plan.collect[p]:
                     cuda_driver.copy(collector, out_ptr + dst, src, nbytes)
-    side = [ws.reduce_stream] + ([] if scatter else [ws.collect_stream])
+        side.append(ws.collect_stream)
+    if any(step.copies for step in plan.steps):
+        side.append(ws.copy_stream)
     _finish(ws, side, keep=[out], defer_join=defer_join, pieces=pieces)
-    return out
+    return out if scatter else out.view(*shape[:2], N)
 
 
 def _await_flags(stream: int, flags: list, table: torch.Tensor, epoch: int) -> None:

@@ -2,8 +2,8 @@
 
 One symmetric-memory allocation per rank (PyTorch `symm_mem`, peer-to-peer mappings only, no multicast) holds
   [ flags: FLAG_WORDS int32 | data, parity 0 | data, parity 1 ]
-and every rank maps every peer's allocation: the reduction kernel and the copy engine read a peer's data at its
-mapped address, and a stream writes a peer's flag word with `cuda_driver.write_value`. Ranks wait with stream
+and every rank maps every peer's allocation: a GEMM stores into a peer's slot and the copy engine reads a
+peer's data at its mapped address, and a stream writes a peer's flag word with `cuda_driver.write_value`. Ranks wait with stream
 waits (or, with TUNING.wait = "kernel", a one-warp polling kernel on the side stream).
 
 Synchronisation is by epochs, never by resets: each fused op takes the next epoch e, writes its flags with the
@@ -13,8 +13,9 @@ all of op e (each op's side streams join the compute stream before the next op s
 overwrites parity e % 2 nobody still reads it.
 
 Flag words (int32, in each rank's own allocation; written by the rank named):
-  READY[q * MAX_CHUNKS + j]  rank q's partial product of chunk j is in its data buffer
-  RDONE[o * MAX_CHUNKS + j]  rank o reduced its rows of chunk j (all-reduce: the others copy them)
+  READY[q * MAX_CHUNKS + j]  rank q's partial product of this rank's piece j is in this rank's slot q
+  RDONE[o * MAX_CHUNKS + j]  rank o reduced its rows of piece j into its own slot o (all-reduce: the others
+                             copy them)
   XREADY[q]                  rank q's input shard is in its data buffer (all-gather + GEMM)
 
 A failure is recorded on the host (`fail`, called by the watchdog when an op outlives its timeout): the flags of
@@ -155,6 +156,10 @@ class Workspace:
     def data_view(self, rank: int, epoch: int, shape, dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
         return self.data[epoch % 2][rank][:nbytes].view(dtype).view(shape)
+
+    def region(self, rank: int, epoch: int) -> torch.Tensor:
+        """Rank `rank`'s data bytes of epoch `epoch`'s parity (a peer's through its mapping), uint8."""
+        return self.data[epoch % 2][rank]
 
     def data_ptr(self, rank: int, epoch: int) -> int:
         return self.data_ptrs[epoch % 2][rank]

@@ -83,6 +83,23 @@ def timeit(fn, budget_ms=60.0, trials=5, label=""):
     return float(t)
 
 
+def issue_ms(fn, reps=7):
+    """Host ms to issue one call while the GPU is busy (a ~10 ms sleep kernel queued first), median over reps:
+    the launch overhead a training step pays on the CPU. Timing back-to-back calls instead would count the
+    waits of a full launch queue, i.e. GPU time."""
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(20_000_000)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+        torch.cuda.synchronize()
+    fused.symm.check_errors()
+    return statistics.median(times)
+
+
 def _symm_group_name(group):
     import torch.distributed._symmetric_memory as symm_mem
 
@@ -112,7 +129,7 @@ def run_case(group, op, M, K, N, dtype, with_triton):
             r["coll"] = timeit(lambda: dist.all_reduce(y, group=group), label="coll")
             r["seq"] = timeit(lambda: (torch.mm(a, b, out=y), dist.all_reduce(y, group=group)), label="seq")
             r["fused"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group), label="fused")
-            r["fused_host"] = HOST_MS["last"]
+            r["fused_host"] = issue_ms(lambda: fused.matmul_reduce([(a3, b)], group))
             if with_triton:
                 r["fused_triton"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group, gemm="triton"), label="fused_triton")
         else:
@@ -124,7 +141,7 @@ def run_case(group, op, M, K, N, dtype, with_triton):
             except Exception as error:  # noqa: BLE001 - recorded, the row still has the other columns
                 print(f"symm_mem fused_matmul_reduce_scatter failed: {error}", flush=True)
             r["fused"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group, scatter=True), label="fused")
-            r["fused_host"] = HOST_MS["last"]
+            r["fused_host"] = issue_ms(lambda: fused.matmul_reduce([(a3, b)], group, scatter=True))
     else:  # AG: x_shard [M/W, K] gathered, times w [K, N]
         x = torch.randn(M // world, K, device="cuda", generator=gen).to(dtype)
         w = torch.randn(K, N, device="cuda", generator=gen).to(dtype) * 0.05
@@ -140,7 +157,7 @@ def run_case(group, op, M, K, N, dtype, with_triton):
         except Exception as error:  # noqa: BLE001
             print(f"symm_mem fused_all_gather_matmul failed: {error}", flush=True)
         r["fused"] = timeit(lambda: fused.all_gather_matmul(x3, [w], group), label="fused")
-        r["fused_host"] = HOST_MS["last"]
+        r["fused_host"] = issue_ms(lambda: fused.all_gather_matmul(x3, [w], group))
     return r
 
 
@@ -176,40 +193,34 @@ def gemm_check(out_dir, dtype):
 
 
 def sweep(group, out_dir, dtype):
-    """Chunk rows x cuBLAS SM carveout x reduction programs on the headline case (8B down, M=8192, AR): fewer
-    chunks cost less host time and GEMM efficiency, more chunks shorten the exposed tail; the carveout and the
-    reduction's programs trade GEMM SMs for overlap. The Triton GEMM (no carveout: its tiles interleave with the
-    reduction) too."""
+    """Push mode x piece rows x reduction programs on the two headline all-reduces (8B o and down, M=8192): the
+    epilogue push stores over NVLink from cuBLAS, the copy push stages locally and spends the copy engine;
+    fewer pieces cost less host time and GEMM efficiency, more shorten the exposed tail."""
     world = dist.get_world_size()
-    k, n = 14336 // world, 4096
     rows = []
-    knobs = ("chunk_rows", "sm_carveout", "reduce_programs", "wait")
+    knobs = ("push", "chunk_rows", "reduce_programs")
     saved = {knob: getattr(fused.TUNING, knob) for knob in knobs}
-    a = torch.randn(1, 8192, k, device="cuda").to(dtype)
-    b = torch.randn(k, n, device="cuda").to(dtype) * 0.05
-    configs = [(chunk_rows, "cublas", carveout, programs, wait) for chunk_rows in (2048, 4096)
-               for carveout, programs in ((0, 32), (16, 16), (32, 32), (32, 64), (0, 132))
-               for wait in ("stream", "kernel")]
-    configs += [(chunk_rows, "triton", 0, 32, wait) for chunk_rows in (2048, 4096) for wait in ("stream", "kernel")]
-    configs += [(1024, "cublas", 32, 32, wait) for wait in ("stream", "kernel")]
-    configs += [(8192, "cublas", 0, programs, wait) for programs in (32, 132) for wait in ("stream", "kernel")]
-    for chunk_rows, gemm, carveout, programs, wait in configs:
-        for knob, value in zip(knobs, (chunk_rows, carveout, programs, wait)):
-            setattr(fused.TUNING, knob, value)
-        t = timeit(lambda: fused.matmul_reduce([(a, b)], group, gemm=gemm),  # noqa: B023 - timed at once
-                   label=f"sweep {chunk_rows} {gemm} {carveout} {programs} {wait}")
-        rows.append({"world": world, "chunk_rows": chunk_rows, "gemm": gemm, "sm_carveout": carveout,
-                     "reduce_programs": programs, "wait": wait, "fused_ms": round(t, 4),
-                     "host_ms": round(HOST_MS["last"], 4)})
+    for proj, k in (("o", 4096 // world), ("down", 14336 // world)):
+        a = torch.randn(1, 8192, k, device="cuda").to(dtype)
+        b = torch.randn(k, 4096, device="cuda").to(dtype) * 0.05
+        for push in ("epilogue", "copy"):
+            for chunk_rows in (2048, 4096, 8192, 16384):
+                for programs in (32, 132):
+                    for knob, value in zip(knobs, (push, chunk_rows, programs)):
+                        setattr(fused.TUNING, knob, value)
+                    t = timeit(lambda: fused.matmul_reduce([(a, b)], group),  # noqa: B023 - timed at once
+                               label=f"sweep {proj} {push} {chunk_rows} {programs}")
+                    rows.append({"world": world, "proj": proj, "M": 8192, "K": k, "N": 4096, "push": push,
+                                 "chunk_rows": chunk_rows, "reduce_programs": programs, "fused_ms": round(t, 4)})
     for knob, value in saved.items():
         setattr(fused.TUNING, knob, value)
     if dist.get_rank() == 0:
         _write(os.path.join(out_dir, f"tp_overlap_sweep_w{world}.csv"), rows)
-        best = min(rows, key=lambda r: r["fused_ms"])
-        print("SWEEP " + " ".join(f"{r['chunk_rows']}/{r['gemm'][0]}c{r['sm_carveout']}p{r['reduce_programs']}"
-                                  f"{r['wait'][0]}="
-                                  f"{r['fused_ms']}"
-                                  f"(h{r['host_ms']})" for r in rows) + f" best {best}", flush=True)
+        for proj in ("o", "down"):
+            mine = [r for r in rows if r["proj"] == proj]
+            best = min(mine, key=lambda r: r["fused_ms"])
+            print(f"SWEEP {proj} " + " ".join(f"{r['push'][0]}{r['chunk_rows']}p{r['reduce_programs']}="
+                                              f"{r['fused_ms']}" for r in mine) + f" best {best}", flush=True)
 
 
 def host_profile(group, out_dir, dtype):
@@ -259,6 +270,8 @@ def main():
     parser.add_argument("--host-profile", action="store_true")
     parser.add_argument("--models", default="llama3-8b,llama3-70b")
     parser.add_argument("--tokens", default="4096,8192,16384")
+    parser.add_argument("--write-table", action="store_true",
+                        help="also write fused_table_w{W}.csv: the rows autotp_kernels/fused_table.csv takes")
     args = parser.parse_args()
     dist.init_process_group("nccl")
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
@@ -311,6 +324,10 @@ def main():
                 writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(rows)
+    if args.write_table and dist.get_rank() == 0:
+        _write(os.path.join(args.out, f"fused_table_w{world}.csv"),
+               [{"op": r["op"], "world": world, "M": r["M"], "K": r["K"], "N": r["N"], "seq_ms": r["seq_ms"],
+                 "fused_ms": r["fused_ms"], "date": r["date"], "gpu": r["gpu"], "torch": r["torch"]} for r in rows])
     if args.gemm_check:
         gemm_check(args.out, dtype)
     dist.barrier()

@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("triton")
 
 from autotp_kernels import symm  # noqa: E402
-from autotp_kernels.comm_kernels import reduce_peers  # noqa: E402
-from autotp_kernels.fused import MAX_CHUNKS, chunks, owner_rows  # noqa: E402
+from autotp_kernels.comm_kernels import reduce_slots  # noqa: E402
+from autotp_kernels.fused import MAX_CHUNKS, chunks, issue_order, owner_range, piece_range  # noqa: E402
 from autotp_kernels.watchdog import Watchdog  # noqa: E402
 
 
@@ -25,62 +25,64 @@ def _rank_ordered_sum(parts):
     return acc.to(parts[0].dtype)
 
 
-@pytest.mark.parametrize("world,seg,S,lo,hi,N", [(2, 1, 8, 2, 6, 5), (4, 2, 12, 3, 7, 33), (3, 1, 130, 5, 128, 123),
+@pytest.mark.parametrize("world,seg,R,lo,hi,N", [(2, 1, 8, 2, 6, 5), (4, 2, 12, 3, 7, 33), (3, 1, 130, 5, 128, 123),
                                                  (8, 3, 9, 0, 9, 4), (4, 1, 6, 2, 2, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("store_all", [True, False])
+@pytest.mark.parametrize("keep", [None, 1])
 @pytest.mark.parametrize("programs", [2, 64])
-def test_reduce_peers_is_the_rank_ordered_sum_of_every_buffer(world, seg, S, lo, hi, N, dtype, store_all, programs):
-    """The W buffers are reached through the address table, as on the GPU (there, peers' mapped buffers); with
-    2 programs each strides over many blocks, with 64 each has at most one."""
+def test_reduce_slots_is_the_rank_ordered_sum_of_every_slot(world, seg, R, lo, hi, N, dtype, keep, programs):
+    """With 2 programs each strides over many blocks, with 64 each has at most one; `keep` stores the sum into
+    that slot too (the all-reduce's copy for the peers) and nowhere else."""
     gen = torch.Generator().manual_seed(world * 100 + N)
-    partials = [torch.randn(seg, S, N, generator=gen).to(dtype) for _ in range(world)]  # each rank's product
-    expected = _rank_ordered_sum([p[:, lo:hi] for p in partials])
-    buffers = [p.clone() for p in partials]
-    table = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
-    out_rows = S + 3  # the output is larger than the chunk: the rows land at out_row0
-    out = torch.full((seg, out_rows, N), float("nan"), dtype=dtype)
-    reduce_peers(table, buffers[0], N, (lo, hi), seg, S * N, out=None if store_all else out, out_row0=2, block=16,
-                 programs=programs)
+    slots = torch.randn(world, seg, R, N, generator=gen).to(dtype)  # slot q: rank q's partial of these rows
+    before = slots.clone()
+    expected = _rank_ordered_sum([before[q, :, lo:hi] for q in range(world)])
+    out = torch.full((seg, R + 3, N), float("nan"), dtype=dtype)  # larger than the piece: rows land at row 2
+    reduce_slots(slots, (lo, hi), out, 2, keep=keep, block=16, programs=programs)
+    assert torch.equal(out[:, 2:2 + hi - lo], expected)
+    assert out[:, :2].isnan().all() and out[:, 2 + hi - lo:].isnan().all()
     for q in range(world):
-        want = expected if store_all else partials[q][:, lo:hi]
-        assert torch.equal(buffers[q][:, lo:hi], want), f"buffer {q}"
-        assert torch.equal(buffers[q][:, :lo], partials[q][:, :lo])  # nothing outside the owner's rows
-        assert torch.equal(buffers[q][:, hi:], partials[q][:, hi:])
-    if store_all:
-        assert out.isnan().all()
-    else:
-        assert torch.equal(out[:, 2:2 + hi - lo], expected)
-        assert out[:, :2].isnan().all() and out[:, 2 + hi - lo:].isnan().all()
+        if q == keep:
+            assert torch.equal(slots[q, :, lo:hi], expected)
+        else:
+            assert torch.equal(slots[q, :, lo:hi], before[q, :, lo:hi]), f"slot {q}"
+        assert torch.equal(slots[q, :, :lo], before[q, :, :lo]) and torch.equal(slots[q, :, hi:], before[q, :, hi:])
 
 
-def test_reduce_peers_rejects_an_output_whose_rows_are_not_contiguous():
-    table = torch.tensor([torch.zeros(1).data_ptr()], dtype=torch.int64)
-    with pytest.raises(ValueError, match="contiguous"):
-        reduce_peers(table, torch.zeros(1, 4, 3), 3, (0, 4), 1, 12, out=torch.zeros(1, 4, 6)[:, :, :3])
+def test_reduce_slots_rejects_an_output_whose_rows_are_not_contiguous():
+    with pytest.raises(ValueError, match="contiguous rows"):
+        reduce_slots(torch.zeros(2, 1, 4, 3), (0, 4), torch.zeros(1, 4, 6)[:, :, :3], 0)
 
 
 @pytest.mark.parametrize("S,world,chunk_rows", [(8192, 4, 2048), (4096, 2, 1024), (100, 3, 7), (7, 4, 2048),
                                                 (16384, 8, 128), (13, 8, 1)])
-@pytest.mark.parametrize("scatter", [False, True])
-def test_chunks_give_every_row_to_exactly_one_owner(S, world, chunk_rows, scatter, monkeypatch):
+def test_pieces_give_every_row_to_exactly_one_owner_once(S, world, chunk_rows, monkeypatch):
     from autotp_kernels import fused
 
     monkeypatch.setattr(fused.TUNING, "chunk_rows", chunk_rows)
     pieces = chunks(S)
     assert 1 <= pieces <= MAX_CHUNKS
     covered = torch.zeros(S, dtype=torch.int32)
-    for j in range(pieces):
-        rows = owner_rows(j, S, world, pieces, scatter)
-        assert len(rows) == world
-        for o, (lo, hi) in enumerate(rows):
-            assert lo <= hi
-            if scatter:  # a rank owns only rows of its own sequence shard
-                assert (o * S) // world <= lo and hi <= ((o + 1) * S) // world
-            covered[lo:hi] += 1
-        if not scatter:  # one GEMM per chunk: the owners' rows are one contiguous range
-            assert all(rows[o][1] == rows[o + 1][0] for o in range(world - 1))
+    for o in range(world):
+        o_lo, o_hi = owner_range(o, S, world)
+        assert o_hi - o_lo in (S // world, -(-S // world))  # owners differ by at most one row
+        for p in range(pieces):
+            lo, hi = piece_range(p, pieces, o_hi - o_lo)
+            assert 0 <= lo <= hi <= o_hi - o_lo
+            covered[o_lo + lo:o_lo + hi] += 1
     assert torch.equal(covered, torch.ones(S, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("world,pieces", [(2, 1), (4, 3), (8, 2)])
+def test_issue_order_rotates_owners_and_keeps_own_rows_last(world, pieces):
+    orders = [issue_order(me, world, pieces) for me in range(world)]
+    for me, order in enumerate(orders):
+        assert sorted(order) == [(p, o) for p in range(pieces) for o in range(world)]
+        for p in range(pieces):
+            owners = [o for q, o in order if q == p]
+            assert owners[-1] == me and owners == [(me + i) % world for i in range(1, world + 1)]
+    for step in range(world * pieces):  # at each step the W ranks push to W different owners
+        assert len({order[step][1] for order in orders}) == world
 
 
 class _Event:

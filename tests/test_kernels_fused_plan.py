@@ -1,12 +1,13 @@
-"""The fused all-reduce / reduce-scatter's address plan (`fused._reduce_plan`), executed on the CPU.
+"""The fused all-reduce / reduce-scatter's plan (`fused._reduce_plan`), executed on the CPU.
 
-On the GPU each rank's reduction kernel reaches the W ranks' symmetric buffers through the plan's address table
-and the collect copies are local copy-engine transfers, ordered by flag words. Here W simulated ranks share one
-process: their buffers are CPU tensors, the kernel runs under TRITON_INTERPRET=1 over the same table, each copy
-is a memmove between the real addresses the plan computed, and chunks run in the order the flags enforce
-(reductions after every GEMM, collects after every owner's reduction). Every rank must end with the exact rank-ordered sum (all-reduce) or its own sequence
-slice of it (reduce-scatter), and every flag a rank waits for must be one a peer writes. No tolerance: the
-reduction sums in fp32 in rank order on every path, so the bits are fixed.
+On the GPU each rank's GEMMs store into the owners' slots (peer memory), or into a local stage the copy engine
+pushes, and flag words order the reduction and the all-reduce's pulls. Here W simulated ranks share one process:
+their symmetric buffers are CPU tensors, the GEMMs write the very views the plan holds, each copy is a memmove
+between the real addresses the plan computed, and pieces run in the order the flags enforce (a piece's
+reduction after every rank's GEMMs of that piece, the pulls after every owner's reduction). Every rank must end
+with the full sum (all-reduce) or its own sequence slice of it (reduce-scatter), and every flag a rank waits for
+must be one a peer writes. Inputs are small integers, so every sum is exact in fp16 and fp32 whatever the order:
+this checks where rows go; test_kernels_comm checks the reduction's order bit for bit.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 pytest.importorskip("triton")
 
 from autotp_kernels import fused  # noqa: E402
-from autotp_kernels.comm_kernels import reduce_peers  # noqa: E402
+from autotp_kernels.comm_kernels import reduce_slots  # noqa: E402
 from autotp_kernels.symm import rdone_index, ready_index  # noqa: E402
 
 
@@ -32,34 +33,47 @@ class _FakeWorkspace:
     def flag_addr(self, rank, index):
         return rank * 1_000_000 + index
 
+    def region(self, rank, epoch):
+        return self.buffers[epoch % 2][rank]
+
     def data_ptr(self, rank, epoch):
-        return self.buffers[epoch % 2][rank].data_ptr()
+        return self.region(rank, epoch).data_ptr()
 
 
-def _run(world, seg, S, K, N, chunk_rows, scatter, dtype, epoch, monkeypatch):
+def _ints(*shape, gen):
+    return torch.randint(-2, 3, shape, generator=gen).float()
+
+
+def _run(world, seg, S, K, N, chunk_rows, scatter, dtype, epoch, push, n_pairs, monkeypatch):
     monkeypatch.setattr(fused.TUNING, "chunk_rows", chunk_rows)
     gen = torch.Generator().manual_seed(world * 1000 + S)
-    nbytes = seg * S * N * dtype.itemsize
+    if not scatter:  # matmul_reduce flattens an all-reduce's segments
+        S, seg = seg * S, 1
+    nbytes = fused.reduce_bytes(seg, S, N, world, dtype.itemsize, push)
     # Both parities' buffers start as garbage (0xFF bytes are NaN): the plan must use only the current epoch's.
     buffers = [[torch.full((nbytes,), 0xFF, dtype=torch.uint8) for _ in range(world)] for _ in range(2)]
-    views = [b.view(dtype).view(seg, S, N) for b in buffers[epoch % 2]]
-    total = torch.zeros(seg, S, N)
-    for view in views:  # each rank's GEMM; the sum in rank order, fp32, rounded once: the kernel's promise
-        view.copy_(torch.randn(seg, S, K, generator=gen) @ torch.randn(K, N, generator=gen))
-        total += view.float()
-    total = total.to(dtype)
+    pairs = [[(_ints(seg, S, K, gen=gen).to(dtype), _ints(K, N, gen=gen).to(dtype)) for _ in range(n_pairs)]
+             for _ in range(world)]
+    total = sum(a.float() @ b.float() for rank_pairs in pairs for a, b in rank_pairs).to(dtype)
     pieces = fused.chunks(S)
-    plans = [fused._reduce_plan(_FakeWorkspace(world, r, buffers), views[r], S, N, scatter, pieces, epoch)
+    plans = [fused._reduce_plan(_FakeWorkspace(world, r, buffers), seg, S, N, dtype, scatter, pieces, epoch, push)
              for r in range(world)]
     outs = [torch.full((seg, S // world if scatter else S, N), float("nan"), dtype=dtype) for _ in range(world)]
-    for j in range(pieces):  # the order the flags enforce
+    for p in range(pieces):  # the order the flags enforce
         for r, plan in enumerate(plans):
-            out_row0 = plan.mine[j][0] - r * (S // world)
-            reduce_peers(plan.table, views[r], N, plan.mine[j], seg, S * N, out=outs[r] if scatter else None,
-                         out_row0=out_row0, block=8, programs=3)
+            for (q, o), step in zip(fused.issue_order(r, world, pieces), plan.steps):
+                if q == p:
+                    fused._gemm_into(pairs[r], step.rows, step.outs, "cublas")
+                    for dst, src, size in step.copies:
+                        ctypes.memmove(dst, src, size)
+        for r, plan in enumerate(plans):
+            lo, hi = plan.mine[p]
+            m_lo = fused.owner_range(r, S, world)[0]
+            reduce_slots(plan.slots, (lo, hi), outs[r], lo if scatter else m_lo + lo,
+                         keep=None if scatter else r, block=8, programs=3)
         if not scatter:
             for r, plan in enumerate(plans):
-                for dst, src, size in plan.collect[j]:
+                for dst, src, size in plan.collect[p]:
                     ctypes.memmove(outs[r].data_ptr() + dst, src, size)
     return plans, outs, total, pieces
 
@@ -68,30 +82,39 @@ def _run(world, seg, S, K, N, chunk_rows, scatter, dtype, epoch, monkeypatch):
                                                         (3, 1, 13, 4, 7, 4), (4, 1, 6, 3, 5, 1),
                                                         (8, 2, 64, 4, 3, 16)])
 @pytest.mark.parametrize("scatter", [False, True])
-@pytest.mark.parametrize("dtype,epoch", [(torch.float32, 1), (torch.float16, 2)])
+@pytest.mark.parametrize("dtype,epoch,push,n_pairs", [(torch.float32, 1, "epilogue", 1),
+                                                      (torch.float16, 2, "copy", 1),
+                                                      (torch.float32, 3, "copy", 2)])
 def test_plan_moves_every_row_to_every_rank_that_needs_it(world, seg, S, K, N, chunk_rows, scatter, dtype, epoch,
-                                                           monkeypatch):
+                                                           push, n_pairs, monkeypatch):
     if scatter and S % world:
         pytest.skip("reduce-scatter needs the sequence divisible by the ranks (matmul_reduce refuses it)")
-    _, outs, total, pieces = _run(world, seg, S, K, N, chunk_rows, scatter, dtype, epoch, monkeypatch)
-    assert pieces > 1 or S < 2 * chunk_rows
+    plans, outs, total, pieces = _run(world, seg, S, K, N, chunk_rows, scatter, dtype, epoch, push, n_pairs,
+                                      monkeypatch)
+    assert pieces > 1 or S * (1 if scatter else seg) < 2 * chunk_rows
+    assert all(bool(step.copies) == (push == "copy" and step.ready is not None) or not any(
+        hi > lo for _, lo, hi in step.rows) for plan in plans for step in plan.steps)
     for r, out in enumerate(outs):
+        rows = S * (1 if scatter else seg)
         want = total[:, r * (S // world):(r + 1) * (S // world)] if scatter else total
+        assert out.shape[1] == (S // world if scatter else rows)
         assert torch.equal(out, want), f"rank {r} of {world}"
 
 
 @pytest.mark.parametrize("scatter", [False, True])
 def test_every_awaited_flag_is_written_by_the_peer_it_names(scatter, monkeypatch):
     world, S = 4, 32
-    plans, _, _, pieces = _run(world, 1, S, 4, 8, 8, scatter, torch.float32, 1, monkeypatch)
+    plans, _, _, pieces = _run(world, 1, S, 4, 8, 8, scatter, torch.float32, 1, "epilogue", 1, monkeypatch)
     addr = _FakeWorkspace(world, 0, None).flag_addr
-    for j in range(pieces):
-        written = sorted(a for plan in plans for a in plan.ready[j])
-        awaited = sorted(a for plan in plans for a in plan.ready_waits[j])
-        assert written == awaited == sorted(addr(o, ready_index(q, j)) for o in range(world) for q in range(world)
+    for p in range(pieces):
+        written = sorted(step.ready for r, plan in enumerate(plans)
+                         for (q, _), step in zip(fused.issue_order(r, world, pieces), plan.steps)
+                         if q == p and step.ready is not None)
+        awaited = sorted(a for plan in plans for a in plan.ready_waits[p])
+        assert written == awaited == sorted(addr(o, ready_index(q, p)) for o in range(world) for q in range(world)
                                             if q != o)
         if not scatter:
-            written = sorted(a for plan in plans for a in plan.rdone[j])
-            awaited = sorted(a for plan in plans for a in plan.rdone_waits[j])
-            assert written == awaited == sorted(addr(o, rdone_index(q, j)) for o in range(world)
+            written = sorted(a for plan in plans for a in plan.rdone[p])
+            awaited = sorted(a for plan in plans for a in plan.rdone_waits[p])
+            assert written == awaited == sorted(addr(o, rdone_index(q, p)) for o in range(world)
                                                 for q in range(world) if q != o)

@@ -61,22 +61,23 @@ def full_of(local, dim):
     return torch.cat(pieces, dim=dim).double()
 
 
-def check_reduce(group, dtype, seg, S, K, N, scatter, gemm, label=""):
+def check_reduce(group, dtype, seg, S, K, N, scatter, gemm, label="", n_pairs=1):
     rank, world = dist.get_rank(), dist.get_world_size()
-    a = rand(seg, S, K, dtype=dtype, seed=10 + rank)
-    b = rand(K, N, dtype=dtype, seed=20 + rank)
-    ref = full_of(a, 2) @ full_of(b, 0)  # sum over ranks of a_r @ b_r, in fp64
+    pairs = [(rand(seg, S, K, dtype=dtype, seed=10 + rank + 100 * i), rand(K, N, dtype=dtype, seed=20 + rank + 100 * i))
+             for i in range(n_pairs)]
+    ref = sum(full_of(a, 2) @ full_of(b, 0) for a, b in pairs)  # sum over ranks and pairs of a @ b, in fp64
     if scatter:
         ref = ref[:, rank * (S // world):(rank + 1) * (S // world)]
-    outs = [fused.matmul_reduce([(a, b)], group, scatter=scatter, gemm=gemm) for _ in range(3)]
-    seq = fused.sequential_matmul_reduce([(a, b)], group, scatter=scatter)
+    outs = [fused.matmul_reduce(pairs, group, scatter=scatter, gemm=gemm) for _ in range(3)]
+    seq = fused.sequential_matmul_reduce(pairs, group, scatter=scatter)
     torch.cuda.synchronize()
     symm.check_errors()
     err, err_seq = rel(outs[0], ref), rel(seq, ref)
     repeat = all(torch.equal(o, outs[0]) for o in outs)
     everywhere = scatter or same_everywhere(outs[0])
     ok = err <= 1.25 * err_seq + 1e-7 and repeat and everywhere
-    report(f"{'RS' if scatter else 'AR'} {str(dtype)[6:]} {gemm}{label} seg={seg} S={S} K={K} N={N}", ok,
+    report(f"{'RS' if scatter else 'AR'} {str(dtype)[6:]} {gemm}{label} seg={seg} S={S} K={K} N={N} "
+           f"pairs={n_pairs} push={fused.TUNING.push if n_pairs == 1 else 'copy'}", ok,
            f"err {err:.2e} vs torch+nccl {err_seq:.2e}, repeatable={repeat}, same on ranks={everywhere}")
 
 
@@ -163,7 +164,7 @@ def check_training(world):
                   "tensor_parallel": {"autotp_size": world, "kernels": kernels,
                                       "sequence_parallel": sequence_parallel},
                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "eps": 1e-3}}}
-        fused.TUNING.min_bytes = 0  # the tiny model's layers are below the auto threshold: fuse them anyway
+        fused.TUNING.always = True  # the tiny model's layers are below the auto threshold: fuse them anyway
         engine, _, _, _ = autotp.initialize(model=model, config=config)
         run = []
         for step in range(4):
@@ -233,6 +234,17 @@ def check_kernels(group, world):
         check_all_gather(group, dtype, 2, 500, 768, 640, "triton")
         check_autograd(group, dtype)
     check_reduce(group, torch.float32, 1, 2048, 512, 1024, scatter=False, gemm="cublas")
+    check_reduce(group, torch.float32, 2, 512 * world, 256, 384, scatter=True, gemm="cublas")
+    # Several operand pairs (a region's q/k/v input gradients) go through the stage and the copy engine.
+    check_reduce(group, torch.bfloat16, 2, 1024 * world, 512, 768, scatter=True, gemm="cublas", n_pairs=3)
+    check_reduce(group, torch.bfloat16, 2, 1000, 512, 768, scatter=False, gemm="cublas", n_pairs=2)
+    saved, fused.TUNING.push = fused.TUNING.push, "copy"
+    try:
+        for scatter in (False, True):
+            check_reduce(group, torch.bfloat16, 2, 2048 * world, 1024, 1536, scatter=scatter, gemm="cublas")
+        check_reduce(group, torch.float16, 1, 700 * world + 1, 512, 520, scatter=False, gemm="cublas")
+    finally:
+        fused.TUNING.push = saved
     # The polling-kernel waits (TUNING.wait = "kernel") instead of stream waits, both reductions.
     saved, fused.TUNING.wait = fused.TUNING.wait, "kernel"
     try:
