@@ -1,7 +1,7 @@
 """Ahead-of-time build of autotp's C++ extensions (see autotp/_ext.py; everything else is in pyproject.toml).
 
-When torch is importable at build time (`pip install --no-build-isolation .`), builds `autotp._planner` and, with
-CUDA torch and NCCL headers, `autotp._nccl`. Without torch (an isolated build) or with AUTOTP_BUILD_EXT=0 it
+When torch is importable at build time (`pip install --no-build-isolation .`), builds `autotp._planner`, with CUDA
+torch `autotp._fused`, and with NCCL headers too `autotp._nccl`. Without torch (an isolated build) or with AUTOTP_BUILD_EXT=0 it
 installs the pure Python package; the extensions then compile on first use.
 """
 
@@ -21,6 +21,10 @@ def extensions():
     flags = {"cxx": ["-O2"]}
     modules = [CppExtension("autotp._planner", ["csrc/bucket_plan.cpp", "csrc/planner_module.cpp"],
                             extra_compile_args=flags)]
+    if torch.version.cuda:
+        modules.append(CUDAExtension(
+            "autotp._fused", ["csrc/fused_issue.cpp", "csrc/fused_reduce.cu", "csrc/fused_module.cpp"],
+            extra_compile_args={**flags, "nvcc": ["-O3"]}))
     if torch.version.cuda and os.environ.get("AUTOTP_BUILD_NCCL", "1") != "0":
         import importlib.util
         import sys

@@ -1,7 +1,8 @@
 """Loading autotp's C++ extensions (sources in `csrc/`).
 
-Two modules: `autotp._planner` (the ZeRO bucket planner and launch tracker, pybind11 only, builds anywhere) and
-`autotp._nccl` (the NCCL communicator, needs CUDA torch and NCCL headers). `pip install .` / `setup.py`
+Three modules: `autotp._planner` (the ZeRO bucket planner and launch tracker, pybind11 only, builds anywhere),
+`autotp._nccl` (the NCCL communicator, needs CUDA torch and NCCL headers) and `autotp._fused` (the fused GEMM +
+collective ops' host path and slot reduction, needs CUDA torch and nvcc). `pip install .` / `setup.py`
 builds them ahead of time when torch is importable at build time; otherwise the first use compiles them with
 ninja into a cache (a source checkout is needed for that). `import autotp` never needs them.
 
@@ -28,6 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 PLANNER_SOURCES = ["bucket_plan.cpp", "planner_module.cpp"]
 NCCL_SOURCES = ["nccl_comm.cpp", "nccl_module.cpp"]
+FUSED_SOURCES = ["fused_issue.cpp", "fused_reduce.cu", "fused_module.cpp"]
+SOURCES = {"planner": PLANNER_SOURCES, "nccl": NCCL_SOURCES, "fused": FUSED_SOURCES}
 _loaded: dict = {}
 _errors: dict = {}
 
@@ -74,6 +77,8 @@ def _jit(name: str, sources: list[str], cuda: bool):
                   build_directory=_cache_dir(name), extra_cflags=["-O2"],
                   verbose=os.environ.get("AUTOTP_EXT_VERBOSE") == "1", with_cuda=cuda)
     if cuda:
+        kwargs["extra_cuda_cflags"] = ["-O3"]
+    if name == "nccl":
         include, lib = nccl_paths()
         if include is None or lib is None:
             raise ImportError(f"autotp extension 'nccl': nccl.h or libnccl.so not found (include: {include}, "
@@ -84,7 +89,8 @@ def _jit(name: str, sources: list[str], cuda: bool):
 
 
 def load(name: str):
-    """The extension module `name` ('planner' or 'nccl'); raises ImportError saying why it is unavailable."""
+    """The extension module `name` ('planner', 'nccl' or 'fused'); raises ImportError saying why it is
+    unavailable."""
     if name in _loaded:
         return _loaded[name]
     if name in _errors:
@@ -96,9 +102,9 @@ def load(name: str):
             if os.environ.get("AUTOTP_EXT_JIT", "1") == "0":
                 raise ImportError(f"autotp extension '{name}' was not built ahead of time and AUTOTP_EXT_JIT=0 "
                                   "forbids building it now") from None
-            if name == "nccl" and not (torch.cuda.is_available() and torch.version.cuda):
-                raise ImportError("autotp extension 'nccl' needs CUDA torch and a GPU") from None
-            module = _jit(name, PLANNER_SOURCES if name == "planner" else NCCL_SOURCES, cuda=name == "nccl")
+            if name != "planner" and not (torch.cuda.is_available() and torch.version.cuda):
+                raise ImportError(f"autotp extension '{name}' needs CUDA torch and a GPU") from None
+            module = _jit(name, SOURCES[name], cuda=name != "planner")
     except Exception as err:  # a compiler error is as much a reason as a missing file
         message = str(err) if isinstance(err, ImportError) else f"building autotp extension '{name}' failed: {err}"
         _errors[name] = message

@@ -52,13 +52,18 @@ from .watchdog import WATCHDOG
 class FusedTuning:
     """Knobs of the fused ops; the defaults are the fastest settings bench/bench_tp_overlap.py --sweep measured
     (bench/results/README.md)."""
-    chunk_rows: int = int(os.environ.get("AUTOTP_FUSED_CHUNK_ROWS", "4096"))
+    chunk_rows: int = int(os.environ.get("AUTOTP_FUSED_CHUNK_ROWS", "8192"))
     """Target rows per piece (all owners' rows together): smaller pieces shorten the exposed tail (the last
-    piece's reduction and gather), larger ones keep the GEMM efficient and cost less host time."""
-    push: str = os.environ.get("AUTOTP_FUSED_PUSH", "epilogue")
+    piece's reduction and gather), larger ones keep the GEMM efficient and cost fewer stream operations. 8192:
+    one piece at M=8192 was the fastest setting on 2 x H200 (2048 and 4096 rows took 5-15% longer,
+    bench/results/tp_overlap_sweep_w2.csv)."""
+    push: str = os.environ.get("AUTOTP_FUSED_PUSH", "copy")
     """How a partial product reaches its owner: `epilogue` (the GEMM stores into the owner's slot over NVLink)
     or `copy` (the GEMM stores locally, the copy engine pushes). Several operand pairs always use `copy`:
-    accumulating into a peer's slot would read it back over the links."""
+    accumulating into a peer's slot would read it back over the links. `copy` measured faster on 2 x H200
+    (8B o / down all-reduce at M=8192: 0.39-0.41 / 0.84-0.85 ms against 0.46-0.52 / 0.87-1.11 ms with the
+    epilogue push, bench/results/tp_overlap_sweep_w2.csv): cuBLAS's remote stores slow the GEMM more than a
+    local store plus a copy-engine transfer that runs beside the next GEMM."""
     reduce_programs: int = int(os.environ.get("AUTOTP_FUSED_REDUCE_PROGRAMS", "132"))
     """Programs of the slot reduction (H200 has 132 SMs): what it may take from a GEMM it runs under."""
     always: bool = os.environ.get("AUTOTP_FUSED_ALWAYS") == "1"
@@ -67,6 +72,10 @@ class FusedTuning:
     emulate: bool = os.environ.get("AUTOTP_FUSED_EMULATE") == "1"
     """Let the TP layers take their fused code paths without CUDA peer memory: the ops then run cuBLAS (or CPU
     BLAS) then NCCL (or gloo). For debugging and for CPU tests of the layers' wiring."""
+    native: bool = os.environ.get("AUTOTP_FUSED_NATIVE", "1") != "0"
+    """Issue a cuBLAS all-reduce / reduce-scatter from C++ (the `fused` extension, `csrc/fused_issue.cpp`: built
+    ahead of time or on first use with nvcc) instead of Python: the Python path cost 0.3-0.4 ms of host time per
+    op on the H200 machines, as long as the op itself. Without the extension, the Python path runs."""
     wait: str = os.environ.get("AUTOTP_FUSED_WAIT", "stream")
     """How side streams wait for peers' flags: `stream` (cuStreamWaitValue32, holds nothing) or `kernel`
     (`comm_kernels.wait_flags`, a one-warp polling kernel)."""
@@ -155,6 +164,8 @@ class _ReducePlan:
     rdone_waits: list    # [piece] -> flag addresses here: RDONE(o, piece) of every peer  (all-reduce only)
     rdone_table: list
     collect: list        # [piece] -> [(dst byte offset in out, src, nbytes)]: peers' reduced rows (all-reduce)
+    out_row0: list       # [piece] -> the output row where the piece's reduced rows start
+    issuer: object = None  # the C++ ReduceIssuer over this plan (TUNING.native), made on first use
 
 
 def slot_rows(S: int, world: int) -> int:
@@ -179,7 +190,7 @@ def _reduce_plan(ws, seg: int, S: int, N: int, dtype: torch.dtype, scatter: bool
 
     peers_slots = [slots_of(o, 0) for o in range(world)]
     stage = slots_of(me, world * slot_bytes) if push == "copy" else None
-    plan = _ReducePlan([], peers_slots[me], [], [], [], [], [], [], [])
+    plan = _ReducePlan([], peers_slots[me], [], [], [], [], [], [], [], [])
     for p, o in issue_order(me, world, pieces):
         o_lo, o_hi = owner_range(o, S, world)
         lo, hi = piece_range(p, pieces, o_hi - o_lo)
@@ -200,6 +211,7 @@ def _reduce_plan(ws, seg: int, S: int, N: int, dtype: torch.dtype, scatter: bool
         plan.ready_waits.append([ws.flag_addr(me, ready_index(q, p)) for q in peers])
         plan.ready_table.append(torch.tensor(plan.ready_waits[-1], dtype=torch.int64, device=plan.slots.device))
         plan.mine.append(piece_range(p, pieces, m_hi - m_lo))
+        plan.out_row0.append(plan.mine[-1][0] + (0 if scatter else m_lo))
         if scatter:
             continue
         plan.rdone.append([ws.flag_addr(o, rdone_index(me, p)) for o in peers])
@@ -251,6 +263,13 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     if plan is None:
         plan = ws.plans[key] = _reduce_plan(ws, seg, S, N, a0.dtype, scatter, pieces, epoch, push)
     compute = torch.cuda.current_stream(a0.device).cuda_stream
+    native = _native() if gemm == "cublas" and TUNING.wait == "stream" and TUNING.native else None
+    if native is not None:
+        if plan.issuer is None:
+            plan.issuer = _issuer(native, ws, plan, pieces, scatter)
+        plan.issuer.run([a for a, _ in pairs], [b for _, b in pairs], out, epoch, compute)
+        _finish(ws, [ws.reduce_stream], keep=[out], defer_join=defer_join, pieces=pieces)
+        return out if scatter else out.view(*shape[:2], N)
     pusher, reducer = ws.copy_stream.cuda_stream, ws.reduce_stream.cuda_stream
     collector = ws.collect_stream.cuda_stream
     start = ws.events("start", 1)[0]
@@ -284,7 +303,7 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
             own_done[p].wait(reducer)
             _await_flags(reducer, plan.ready_waits[p], plan.ready_table[p], epoch)
             lo, hi = plan.mine[p]
-            reduce_slots(plan.slots, (lo, hi), out, lo if scatter else m_lo + lo, keep=None if scatter else me,
+            reduce_slots(plan.slots, (lo, hi), out, plan.out_row0[p], keep=None if scatter else me,
                          programs=TUNING.reduce_programs)
             if scatter:
                 continue
@@ -303,6 +322,35 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
         side.append(ws.copy_stream)
     _finish(ws, side, keep=[out], defer_join=defer_join, pieces=pieces)
     return out if scatter else out.view(*shape[:2], N)
+
+
+_NATIVE: dict = {}
+
+
+def _native():
+    """The `fused` C++ extension, or None (reported once) where it cannot be built or loaded."""
+    if "module" not in _NATIVE:
+        from autotp import _ext  # the extension loader; autotp imports this package only lazily
+
+        try:
+            _NATIVE["module"] = _ext.load("fused")
+        except ImportError as error:
+            import warnings
+
+            warnings.warn(f"autotp fused ops: the C++ host path is unavailable ({error}); issuing from Python, "
+                          "with several times the host time per op", stacklevel=3)
+            _NATIVE["module"] = None
+    return _NATIVE["module"]
+
+
+def _issuer(native, ws, plan: _ReducePlan, pieces: int, scatter: bool):
+    steps = [(p, [tuple(r) for r in step.rows], list(step.outs), list(step.copies), step.ready or 0)
+             for (p, _), step in zip(issue_order(ws.rank, ws.world, pieces), plan.steps)]
+    per_piece = [(plan.ready_waits[p], plan.mine[p][0], plan.mine[p][1], plan.out_row0[p],
+                  [] if scatter else plan.rdone[p], [] if scatter else plan.rdone_waits[p],
+                  [] if scatter else plan.collect[p]) for p in range(pieces)]
+    return native.ReduceIssuer(steps, per_piece, plan.slots, scatter, ws.rank, ws.copy_stream.cuda_stream,
+                               ws.reduce_stream.cuda_stream, ws.collect_stream.cuda_stream, TUNING.reduce_programs)
 
 
 def _await_flags(stream: int, flags: list, table: torch.Tensor, epoch: int) -> None:
@@ -334,6 +382,8 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
     """Gather [SEG, S/W, K] sequence shards into x_full [SEG, S, K] and return (x_full, [x_full @ b for b])."""
     if not x_shard.is_cuda:  # no peer memory: the same function, unfused
         return sequential_all_gather_matmul(x_shard, weights, group, gemm=gemm)
+    if not x_shard.is_contiguous():
+        raise ValueError(f"all_gather_matmul: the shard must be contiguous, got strides {x_shard.stride()}")
     seg, s_own, K = x_shard.shape
     for b in weights:
         if b.dim() != 2 or b.shape[0] != K or b.dtype != x_shard.dtype:
@@ -344,15 +394,27 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
     world, me = ws.world, ws.rank
     epoch = ws.next_epoch()
     compute = torch.cuda.current_stream(x_shard.device)
-    ws.data_view(me, epoch, (seg, s_own, K), x_shard.dtype).copy_(x_shard)
-    for q in range(world):
-        if q != me:
-            cuda_driver.write_value(compute.cuda_stream, ws.flag_addr(q, shard_index(me)), epoch)
     x_full = torch.empty((seg, world * s_own, K), dtype=x_shard.dtype, device=x_shard.device)
-    x_full[:, me * s_own:(me + 1) * s_own].copy_(x_shard)
     ys = [torch.empty((seg, world * s_own, b.shape[1]), dtype=x_shard.dtype, device=x_shard.device)
           for b in weights]
     handle, copy = compute.cuda_stream, ws.copy_stream.cuda_stream
+    native = _native() if gemm == "cublas" and TUNING.native else None
+    if native is not None:
+        issuer = ws.plans.get(("gather", epoch % 2))
+        if issuer is None:
+            issuer = ws.plans[("gather", epoch % 2)] = native.GatherIssuer(
+                me, [ws.data_ptr(q, epoch) for q in range(world)],
+                [0 if q == me else ws.flag_addr(q, shard_index(me)) for q in range(world)],
+                [0 if q == me else ws.flag_addr(me, shard_index(q)) for q in range(world)], copy)
+        issuer.run(x_shard, x_full, list(weights), ys, epoch, handle)
+        x_full.record_stream(ws.copy_stream)
+        _finish(ws, [ws.copy_stream], keep=[], defer_join=False)
+        return x_full, ys
+    ws.data_view(me, epoch, (seg, s_own, K), x_shard.dtype).copy_(x_shard)
+    for q in range(world):
+        if q != me:
+            cuda_driver.write_value(handle, ws.flag_addr(q, shard_index(me)), epoch)
+    x_full[:, me * s_own:(me + 1) * s_own].copy_(x_shard)
     start = ws.events("start", 1)[0]
     start.record(handle)  # the shard is in the buffer and x_full allocated
     start.wait(copy)

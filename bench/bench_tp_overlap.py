@@ -6,10 +6,15 @@ Cases: Llama-3-8B and -70B projections at this world size (QKV, O, gate/up, down
 16384}, bf16:
   row layers (O, down):         AR  forward GEMM + all-reduce         RS  sequence-parallel GEMM + reduce-scatter
   column layers (QKV, gate/up): AR  backward dgrad + all-reduce       AG  sequence-parallel all-gather + GEMM
-plus the down projection at small M (512-2048) to find where fusing starts to pay (`TUNING.min_bytes`).
-Times are medians over trials of back-to-back launches, the slowest rank's; overlap efficiency is
+plus the down projection at small M (512-2048) to find where fusing starts to pay. --write-table writes the rows
+`kernels: auto` decides from (fused_table_w{W}.csv, for autotp_kernels/fused_table.csv).
+Times are medians over trials of back-to-back launches queued behind a sleep kernel (the GPU's time, as when the
+host runs ahead), the slowest rank's; `fused_b2b_ms` is the fused op without the sleep (bound by its host path
+where that is slower), `fused_host_ms` the host time to issue one fused op on a busy GPU (one call after a
+synchronisation), `fused_host_loop_ms` the host time per call over the timed run. Overlap efficiency is
 (sequential - fused) / (sequential - max(GEMM, collective)). --gemm-check times the Triton GEMM against cuBLAS
-on the 8B shapes (forward, dgrad, wgrad); --sweep times the chunk size.
+on the 8B shapes (forward, dgrad, wgrad); --sweep times push mode, piece size and reduction programs;
+--host-profile writes what host calls cost and a cProfile of the fused ops.
 Writes tp_overlap_w{W}.csv (+ tp_overlap_gemm.csv, tp_overlap_sweep.csv) and prints a table.
 """
 
@@ -46,9 +51,12 @@ def projections(model):
 HOST_MS = {}
 
 
-def timeit(fn, budget_ms=60.0, trials=5, label=""):
-    """Median ms per call over `trials` runs of back-to-back calls, the slowest rank's. HOST_MS["last"] is the
-    host time to issue one call (the launch overhead a training step pays on the CPU)."""
+def timeit(fn, budget_ms=60.0, trials=5, label="", ahead=True):
+    """Median ms per call over `trials` runs of back-to-back calls, the slowest rank's. With `ahead` (the
+    default) a sleep kernel long enough to cover the host's issuing of the whole run is queued before the start
+    event: the time is the GPU's alone, as in a training step whose host runs ahead. Without it a call whose host
+    path is slower than its GPU work is timed at its host speed. HOST_MS["last"] is the host time to issue one
+    call in the run."""
     if os.environ.get("BENCH_VERBOSE") and dist.get_rank() == 0:
         print(f"  timing {label}", flush=True)
     for _ in range(3):
@@ -57,19 +65,25 @@ def timeit(fn, budget_ms=60.0, trials=5, label=""):
     fused.symm.check_errors()  # a fused op that timed out is an error, not a slow case
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
+    host = time.perf_counter()
     fn()
+    host = (time.perf_counter() - host) * 1e3
     end.record()
     end.synchronize()
-    iters = torch.tensor([max(3, min(50, int(budget_ms / max(start.elapsed_time(end), 1e-3))))], device="cuda")
+    per_call = max(start.elapsed_time(end), host, 1e-3)
+    iters = torch.tensor([max(3, min(50, int(budget_ms / per_call)))], device="cuda")
     # Every rank must issue the same number of calls: each rank's count comes from its own timing, and a rank
     # issuing one fused op more than its peers waits for signals that never come (the stalls of
     # bench/results/fused_notes.md, cases over ~1.2 ms where 60 ms / time rounds differently per rank).
     dist.all_reduce(iters, op=dist.ReduceOp.MIN)
     iters = int(iters)
+    sleep_cycles = int((2 * host * iters + 2.0) * 2.0e6)  # H200 SMs clock at most 1.98 GHz: >= this many ms
     times = []
     for _ in range(trials):
         dist.barrier()
         torch.cuda.synchronize()
+        if ahead:
+            torch.cuda._sleep(sleep_cycles)
         start.record()
         host = time.perf_counter()
         for _ in range(iters):
@@ -129,6 +143,8 @@ def run_case(group, op, M, K, N, dtype, with_triton):
             r["coll"] = timeit(lambda: dist.all_reduce(y, group=group), label="coll")
             r["seq"] = timeit(lambda: (torch.mm(a, b, out=y), dist.all_reduce(y, group=group)), label="seq")
             r["fused"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group), label="fused")
+            r["fused_host_loop"] = HOST_MS["last"]
+            r["fused_b2b"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group), label="fused b2b", ahead=False)
             r["fused_host"] = issue_ms(lambda: fused.matmul_reduce([(a3, b)], group))
             if with_triton:
                 r["fused_triton"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group, gemm="triton"), label="fused_triton")
@@ -141,6 +157,9 @@ def run_case(group, op, M, K, N, dtype, with_triton):
             except Exception as error:  # noqa: BLE001 - recorded, the row still has the other columns
                 print(f"symm_mem fused_matmul_reduce_scatter failed: {error}", flush=True)
             r["fused"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group, scatter=True), label="fused")
+            r["fused_host_loop"] = HOST_MS["last"]
+            r["fused_b2b"] = timeit(lambda: fused.matmul_reduce([(a3, b)], group, scatter=True),
+                                    label="fused b2b", ahead=False)
             r["fused_host"] = issue_ms(lambda: fused.matmul_reduce([(a3, b)], group, scatter=True))
     else:  # AG: x_shard [M/W, K] gathered, times w [K, N]
         x = torch.randn(M // world, K, device="cuda", generator=gen).to(dtype)
@@ -157,6 +176,8 @@ def run_case(group, op, M, K, N, dtype, with_triton):
         except Exception as error:  # noqa: BLE001
             print(f"symm_mem fused_all_gather_matmul failed: {error}", flush=True)
         r["fused"] = timeit(lambda: fused.all_gather_matmul(x3, [w], group), label="fused")
+        r["fused_host_loop"] = HOST_MS["last"]
+        r["fused_b2b"] = timeit(lambda: fused.all_gather_matmul(x3, [w], group), label="fused b2b", ahead=False)
         r["fused_host"] = issue_ms(lambda: fused.all_gather_matmul(x3, [w], group))
     return r
 
@@ -236,6 +257,27 @@ def host_profile(group, out_dir, dtype):
     x = torch.randn(1, 8192 // world, 4096, device="cuda").to(dtype)
     w = torch.randn(4096, 6144 // world, device="cuda").to(dtype)
     report = io.StringIO()
+    # What one host call of each kind costs here (the fused op's host time is a sum of these): 200 calls each on
+    # a GPU kept busy by a sleep kernel, so no call waits for the device.
+    flag = fused.symm.workspace(group, a.device, 1 << 20).flag_addr(dist.get_rank(), fused.symm.PROBE_OFF)
+    stream = torch.cuda.current_stream().cuda_stream
+    event = fused.cuda_driver.Event()
+    small_a, small_b = a[0, :64, :64].contiguous(), b[:64, :64].contiguous()
+    small_out = torch.empty(64, 64, device="cuda", dtype=dtype)
+    costs = {"cuStreamWriteValue32 (own flag)": lambda: fused.cuda_driver.write_value(stream, flag, 0),
+             "cuStreamWaitValue32 (met)": lambda: fused.cuda_driver.wait_value(stream, flag, 0),
+             "cuEventRecord": lambda: event.record(stream),
+             "torch.mm 64x64 out=": lambda: torch.mm(small_a, small_b, out=small_out),
+             "torch.empty 8192x4096": lambda: torch.empty(8192, 4096, device="cuda", dtype=dtype),
+             "torch.cuda.Event()+record": lambda: torch.cuda.Event().record()}
+    for label, fn in costs.items():
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)
+        start = time.perf_counter()
+        for _ in range(200):
+            fn()
+        report.write(f"host us per call, {label}: {(time.perf_counter() - start) / 200 * 1e6:.1f}\n")
+        torch.cuda.synchronize()
     for label, fn in (("matmul_reduce 8192x3584x4096", lambda: fused.matmul_reduce([(a, b)], group)),
                       ("all_gather_matmul 8192x4096x1536", lambda: fused.all_gather_matmul(x, [w], group))):
         for _ in range(3):
@@ -268,6 +310,7 @@ def main():
     parser.add_argument("--gemm-check", action="store_true")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--host-profile", action="store_true")
+    parser.add_argument("--no-cases", action="store_true", help="only the --sweep / --host-profile / --gemm-check")
     parser.add_argument("--models", default="llama3-8b,llama3-70b")
     parser.add_argument("--tokens", default="4096,8192,16384")
     parser.add_argument("--write-table", action="store_true",
@@ -295,15 +338,19 @@ def main():
                     cases += [(model, proj, "AR", M, n_full // world, k_full),  # dgrad: dy [M, N/W] @ W [N/W, K]
                               (model, proj, "AG", M, k_full, n_full // world)]
     cases += [("llama3-8b", "down", "AR", M, 14336 // world, 4096) for M in (512, 1024, 2048)]
+    if args.no_cases:
+        cases = []
     rows = []
     for model, proj, op, M, K, N in cases:
         headline = model == "llama3-8b" and proj == "down" and M == 8192
         r = run_case(group, op, M, K, N, dtype, with_triton=headline)
         host_ms = r.pop("fused_host")
+        host_loop_ms = r.pop("fused_host_loop")
         best = max(r["gemm"], r["coll"])
         row = dict(meta, model=model, proj=proj, op=op, M=M, K=K, N=N,
                    **{f"{key}_ms": round(value, 4) for key, value in r.items()})
         row["fused_host_ms"] = round(host_ms, 4)
+        row["fused_host_loop_ms"] = round(host_loop_ms, 4)
         row["fused_tflops"] = round(2 * M * K * N / r["fused"] / 1e9, 1)
         row["overlap_eff"] = round((r["seq"] - r["fused"]) / max(r["seq"] - best, 1e-6), 3)
         row["fused_over_max"] = round(r["fused"] / best, 3)
@@ -324,7 +371,7 @@ def main():
                 writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(rows)
-    if args.write_table and dist.get_rank() == 0:
+    if args.write_table and rows and dist.get_rank() == 0:
         _write(os.path.join(args.out, f"fused_table_w{world}.csv"),
                [{"op": r["op"], "world": world, "M": r["M"], "K": r["K"], "N": r["N"], "seq_ms": r["seq_ms"],
                  "fused_ms": r["fused_ms"], "date": r["date"], "gpu": r["gpu"], "torch": r["torch"]} for r in rows])

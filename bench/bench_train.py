@@ -177,6 +177,9 @@ def main():
                         help="autotp: AdamW built by the user (object; object-foreach pins foreach=True) or from the "
                              "config's optimizer section")
     parser.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto", help="autotp only")
+    parser.add_argument("--fuse-all", action="store_true",
+                        help="autotp, kernels auto: fuse every shape (cuBLAS under the fused collectives) instead of "
+                             "where autotp_kernels/fused_table.csv measured it faster")
     parser.add_argument("--vocab-parallel", action="store_true", help="autotp: tensor_parallel.vocab_parallel_loss")
     parser.add_argument("--sequence-parallel", action="store_true", help="autotp: tensor_parallel.sequence_parallel")
     parser.add_argument("--profile", default=None, help="profile one step after warm-up; write the table here (.md)")
@@ -185,6 +188,10 @@ def main():
                         help="--provider all: which ones, in this order (the single-GPU row runs first, once per machine)")
     parser.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.csv"))
     args = parser.parse_args()
+    if args.fuse_all:
+        from autotp_kernels import fused
+
+        fused.TUNING.always = True
     if args.provider == "all":
         return run_all(args)
 
@@ -228,7 +235,7 @@ def main():
     row = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), world=world,
                provider=args.provider, tp=args.tp if args.provider != "single" else 1, dp=dp, zero=args.zero,
                shape=args.shape, layers=args.layers, seq=args.seq, micro_batch=args.micro_batch, params=n_params,
-               kernels=args.kernels if args.provider == "autotp" else "",
+               kernels=(args.kernels + ("+fuse-all" if args.fuse_all else "")) if args.provider == "autotp" else "",
                optimizer=args.optimizer if args.provider == "autotp" else "",
                # which package version ran (bench/run_levers_gpu.sh runs several commits side by side)
                version=os.environ.get("AUTOTP_BENCH_VERSION", ""),

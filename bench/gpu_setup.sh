@@ -12,5 +12,5 @@ install_deepspeed_wheels() {
 # autotp's C++/NCCL extensions, built once outside any time limit: a JIT build inside a timed ZeRO run (DP > 1)
 # took the whole 70-150 s limit in three device calls.
 build_extensions() {
-  python3 -c "from autotp import _ext; _ext.load('nccl'); _ext.load('planner'); print('extensions built')" 2>&1 | tail -1
+  python3 -c "from autotp import _ext; _ext.load('nccl'); _ext.load('planner'); _ext.load('fused'); print('extensions built')" 2>&1 | tail -1
 }

@@ -8,6 +8,8 @@ mkdir -p "$RES"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 AUTOTP_FUSED_TIMEOUT_S=${AUTOTP_FUSED_TIMEOUT_S:-60}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | head -1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+# The fused ops' C++ host path (csrc/fused_*.{cpp,cu}), built once before the ranks start (else both compile).
+python3 -c "import time; t = time.time(); from autotp import _ext; _ext.load('fused'); print(f'fused extension built in {time.time() - t:.0f} s')" 2>&1 | tail -4
 check() {  # $1 GPUs, $2 devices, $3 seconds, $4 what (all | kernels | training)
   CUDA_VISIBLE_DEVICES=$2 timeout "$3" torchrun --standalone --nproc_per_node="$1" tests/gpu/fused_check.py "$4" \
     > "$RES/check_$1gpu_$4.txt" 2>&1

@@ -81,7 +81,32 @@ def check_reduce(group, dtype, seg, S, K, N, scatter, gemm, label="", n_pairs=1)
            f"err {err:.2e} vs torch+nccl {err_seq:.2e}, repeatable={repeat}, same on ranks={everywhere}")
 
 
-def check_all_gather(group, dtype, seg, s_own, K, N, gemm):
+def check_native_reduction():
+    """The C++ extension's slot reduction gives the Triton kernel's bits (same order, one rounding)."""
+    from autotp_kernels.comm_kernels import reduce_slots
+
+    native = fused._native()
+    if native is None:
+        report("native slot reduction", False, "the fused extension did not build")
+        return
+    ok, detail = True, []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for world, seg, R, N, lo, hi, keep in ((2, 1, 300, 4096, 0, 300, 1), (4, 2, 129, 1000, 3, 120, None),
+                                               (8, 1, 64, 7, 1, 63, 5)):
+            slots = rand(world, seg, R, N, dtype=dtype, seed=world + N)
+            twin = slots.clone()
+            out, out_twin = (torch.full((seg, R + 2, N), 7.0, dtype=dtype, device="cuda") for _ in range(2))
+            native.reduce_slots(slots, lo, hi, out, 2, -1 if keep is None else keep, 132,
+                                torch.cuda.current_stream().cuda_stream)
+            reduce_slots(twin, (lo, hi), out_twin, 2, keep=keep)
+            torch.cuda.synchronize()
+            same = torch.equal(out, out_twin) and torch.equal(slots, twin)
+            ok = ok and same
+            detail.append(f"{str(dtype)[6:]}/W{world}:{'=' if same else 'DIFF'}")
+    report("native slot reduction vs Triton, bit for bit", ok, " ".join(detail))
+
+
+def check_all_gather(group, dtype, seg, s_own, K, N, gemm, label=""):
     rank = dist.get_rank()
     x = rand(seg, s_own, K, dtype=dtype, seed=30 + rank)
     w = [rand(K, N, dtype=dtype, seed=40), rand(K, N // 2, dtype=dtype, seed=41)]
@@ -93,7 +118,7 @@ def check_all_gather(group, dtype, seg, s_own, K, N, gemm):
     exact = torch.equal(x_full.double(), x_ref)
     errs = [(rel(y, x_ref @ b.double()), rel(s, x_ref @ b.double())) for y, s, b in zip(ys, ys_seq, w)]
     ok = exact and all(e <= 1.25 * s + 1e-7 for e, s in errs)
-    report(f"AG+GEMM {str(dtype)[6:]} {gemm} seg={seg} S/W={s_own} K={K} N={N}", ok,
+    report(f"AG+GEMM {str(dtype)[6:]} {gemm}{label} seg={seg} S/W={s_own} K={K} N={N}", ok,
            f"gather exact={exact}, errs {[f'{e:.2e}/{s:.2e}' for e, s in errs]}")
 
 
@@ -245,6 +270,18 @@ def check_kernels(group, world):
         check_reduce(group, torch.float16, 1, 700 * world + 1, 512, 520, scatter=False, gemm="cublas")
     finally:
         fused.TUNING.push = saved
+    # The Python host path (what runs without the C++ extension), both reductions and both push modes.
+    saved, fused.TUNING.native = fused.TUNING.native, False
+    try:
+        for push in ("epilogue", "copy"):
+            fused.TUNING.push = push
+            check_reduce(group, torch.bfloat16, 1, 4096, 1024, 2048, scatter=False, gemm="cublas", label=" python")
+            check_reduce(group, torch.bfloat16, 2, 1024 * world, 768, 1000, scatter=True, gemm="cublas",
+                         label=" python")
+        check_all_gather(group, torch.bfloat16, 2, 500, 768, 640, "cublas", label=" python")
+    finally:
+        fused.TUNING.native, fused.TUNING.push = saved, "epilogue"
+    check_native_reduction()
     # The polling-kernel waits (TUNING.wait = "kernel") instead of stream waits, both reductions.
     saved, fused.TUNING.wait = fused.TUNING.wait, "kernel"
     try:
