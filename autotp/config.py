@@ -29,9 +29,9 @@ logger = logging.getLogger("autotp")
 KERNELS = ("auto", "torch", "triton")
 """`tensor_parallel.kernels` (and `parallelize(kernels=)`): who runs the TP layers' GEMMs and collectives.
 `torch`: cuBLAS, then the NCCL collective. `triton`: autotp_kernels' Triton GEMM, and on CUDA the collective fused
-into it. `auto` (the default): the fused path with cuBLAS GEMMs where a collective moves at least
-`AUTOTP_FUSED_MIN_BYTES`; that threshold is unset until the H200 bench finds a size where fusing wins, so today
-`auto` runs as `torch`. This is the one description; the README and the layers point here."""
+into it. `auto` (the default): per shape, the fused path with cuBLAS GEMMs where `autotp_kernels/fused_table.csv`
+measured it faster than cuBLAS then NCCL at this TP size (`autotp_kernels.auto_table`), else as `torch`. This is
+the one description; the README and the layers point here."""
 COMM_BACKENDS = ("auto", "torch", "nccl_ext")
 _COMM_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
                 "fp16": "float16", "float16": "float16"}

@@ -21,10 +21,12 @@ def main(path: str, out: str) -> None:
               f"{r['provider']} TP{r['tp']}{' DP' + r['dp'] if r.get('dp', '1') != '1' else ''} Z{r['zero']}"
               f"{' SP' if r.get('sequence_parallel') == '1' else ''}\n"
               f"{r.get('optimizer') or ''} {r.get('version') or ''}".rstrip()
+              + (f"\n{r['kernels']}" if r.get("kernels") and r["provider"] == "autotp" else "")
+              + (f" job {r['job']}" if r.get("job") else "")
               for r in rows]
     tokens = [float(r["tokens_per_s_per_gpu"]) for r in rows]
     fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
-    bars = ax.bar(labels, tokens, color=["#888" if r["provider"] == "single" else "#3a7" for r in rows])
+    bars = ax.bar(range(len(rows)), tokens, tick_label=labels, color=["#888" if r["provider"] == "single" else "#3a7" for r in rows])
     for bar, value, row in zip(bars, tokens, rows):
         ratio = f"\n{value / single:.2f}x" if single else ""
         ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:,.0f}{ratio}\n{row['peak_mem_gb']} GB",
