@@ -260,6 +260,8 @@ def check_kernels(group, world):
         check_autograd(group, dtype)
     check_reduce(group, torch.float32, 1, 2048, 512, 1024, scatter=False, gemm="cublas")
     check_reduce(group, torch.float32, 2, 512 * world, 256, 384, scatter=True, gemm="cublas")
+    check_all_gather(group, torch.float32, 2, 256, 512, 384, "cublas")
+    check_autograd(group, torch.float32)
     # Several operand pairs (a region's q/k/v input gradients) go through the stage and the copy engine.
     check_reduce(group, torch.bfloat16, 2, 1024 * world, 512, 768, scatter=True, gemm="cublas", n_pairs=3)
     check_reduce(group, torch.bfloat16, 2, 1000, 512, 768, scatter=False, gemm="cublas", n_pairs=2)
