@@ -1,0 +1,65 @@
+"""Put a Llama-style causal LM on a 2-D tensor-parallel grid (`grid.Grid`, `layers2d`): every linear of the decoder
+layers and the LM head becomes a `ParallelLinear2D`, every RMSNorm an `RMSNorm2D`, the input embedding an
+`Embedding2D`. Attention needs no change: its q/k/v outputs carry heads/c whole heads per rank (HF's attention
+infers the head count from the projection's width) over whole sequences of the row's samples.
+
+Rank (i, j) takes samples [i B/r, (i+1) B/r) of each batch, as a data-parallel rank would, and its loss is the
+mean over those samples' tokens: scale it by 1 / rows before backward (the grid's weight gradients are summed over
+the rows), and average the reported value over the column group. Not yet wired into `autotp.initialize`'s config
+(`tensor_parallel.grid`): ZeRO, checkpoints and the engine's clipping do not know 2-D parameters yet.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .grid import Grid
+from .layers2d import Embedding2D, Head2D, ParallelLinear2D, RMSNorm2D
+
+_NORMS = ("RMSNorm",)  # class-name suffixes of the norms this supports (LlamaRMSNorm, Qwen2RMSNorm, ...)
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith(_NORMS) and hasattr(module, "weight")
+
+
+def parallelize_llama_2d(model: nn.Module, grid: Grid) -> nn.Module:
+    """Replace the modules of a Llama-style `*ForCausalLM` in place for `grid`; returns the model."""
+    config = getattr(model, "config", None)
+    base = getattr(model, "model", None)
+    if config is None or base is None or not hasattr(base, "layers") or not hasattr(model, "lm_head"):
+        raise ValueError(f"2-D tensor parallelism supports Llama-style causal LMs (model.model.layers, lm_head); "
+                         f"got {type(model).__name__}")
+    if getattr(config, "tie_word_embeddings", False):
+        raise ValueError("2-D tensor parallelism: tied input and output embeddings are not supported yet "
+                         f"({type(model).__name__} has tie_word_embeddings=True)")
+    for name, heads in (("num_attention_heads", config.num_attention_heads),
+                        ("num_key_value_heads", getattr(config, "num_key_value_heads", config.num_attention_heads))):
+        if heads % grid.cols:
+            raise ValueError(f"2-D tensor parallelism: {name}={heads} is not divisible by the grid's {grid.cols} "
+                             "columns (attention heads are split over them)")
+    for layer_index, layer in enumerate(base.layers):
+        for name, module in list(layer.named_modules()):
+            if not name:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = layer.get_submodule(parent_name) if parent_name else layer
+            if isinstance(module, nn.Linear):
+                setattr(parent, child, ParallelLinear2D(module, grid))
+            elif _is_rms_norm(module):
+                setattr(parent, child, RMSNorm2D(module.weight, _eps(module), grid))
+            elif isinstance(module, (nn.LayerNorm, nn.Embedding)) or (
+                    not list(module.children()) and any(True for _ in module.parameters(recurse=False))):
+                raise ValueError(f"2-D tensor parallelism: model.layers.{layer_index}.{name} "
+                                 f"({type(module).__name__}) has no 2-D form yet")
+    base.embed_tokens = Embedding2D(base.embed_tokens, grid)
+    base.norm = RMSNorm2D(base.norm.weight, _eps(base.norm), grid)
+    model.lm_head = Head2D(model.lm_head, grid)
+    return model
+
+
+def _eps(norm: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps"):
+        if hasattr(norm, name):
+            return float(getattr(norm, name))
+    raise ValueError(f"2-D tensor parallelism: {type(norm).__name__} has no epsilon attribute")
