@@ -66,6 +66,13 @@ def test_example_01_toy_mlp():
     assert result.stdout.count("output matches the dense MLP") == 2
 
 
+def test_example_05_2d_tensor_parallel():
+    result = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                   "examples/05_2d_tensor_parallel.py"], 180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("= dense") == 3 and result.stdout.count("q_proj block (32, 32)") == 4
+
+
 def test_example_hf_trainer_as_in_readme(tmp_path):
     """The README's `autotp.hf` section: its script, launched as written (fewer steps), trains and saves plain HF
     files."""
