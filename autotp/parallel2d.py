@@ -11,8 +11,10 @@ the rows), and average the reported value over the column group. Not yet wired i
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
+from . import comm
 from .grid import Grid
 from .layers2d import Embedding2D, Head2D, ParallelLinear2D, RMSNorm2D
 
@@ -63,3 +65,26 @@ def _eps(norm: nn.Module) -> float:
         if hasattr(norm, name):
             return float(getattr(norm, name))
     raise ValueError(f"2-D tensor parallelism: {type(norm).__name__} has no epsilon attribute")
+
+
+def _whole(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A 2-D module's parameter block gathered back to the dense parameter (collective over the grid)."""
+    grid = module.grid
+    tensor = tensor.detach()
+    if isinstance(module, ParallelLinear2D) and name == "weight":  # block (j, i) of [N, K]
+        return comm.all_gather_raw(comm.all_gather_raw(tensor, grid.col_group, dim=1), grid.row_group, dim=0)
+    return comm.all_gather_raw(tensor, grid.row_group, dim=-1)  # a column block: bias, norm, embedding [V, H/c]
+
+
+def consolidated_state_dict_2d(model: nn.Module) -> dict:
+    """The dense model's state dict (its own names and shapes) from a model `parallelize_llama_2d` put on a grid,
+    on every rank. Collective: every rank of the grid calls it. Load it into the unsharded model (or save it with
+    `save_pretrained(state_dict=...)`) to go back to 1-D TP or to one device."""
+    owners = {id(param): (module, name) for module in model.modules()
+              if isinstance(module, (ParallelLinear2D, RMSNorm2D, Embedding2D))
+              for name, param in module.named_parameters(recurse=False)}
+    state = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():  # the persistent entries, in the model's order
+        owner = owners.get(id(tensor))
+        state[key] = tensor.detach() if owner is None else _whole(owner[0], owner[1], tensor)
+    return state
