@@ -83,10 +83,13 @@ class _ParallelLinear(nn.Module):
         elif getattr(self, name) is None:
             self.register_buffer(name, build().to(self.weight.device), persistent=False)
 
-    def fused_gemm(self, x: torch.Tensor, op: str, K: int, N: int, rows: Optional[int] = None) -> Optional[str]:
+    def fused_gemm(self, x: torch.Tensor, op: str, K: int, N: int, rows: Optional[int] = None,
+                   backward: Optional[tuple] = None) -> Optional[str]:
         """The GEMM to run under a fused collective (`cublas` or `triton`), or None for GEMM then NCCL.
 
-        `op` (AR, RS or AG) and the local GEMM's `rows` (default: x's) x K x N name the fused op. Fused needs CUDA and a TP
+        `op` (AR, RS or AG) and the local GEMM's `rows` (default: x's) x K x N name the fused op; `backward`
+        (op, K, N) the fused op its backward then runs (a fused reduce-scatter's backward is a fused all-gather
+        and the reverse): `auto` fuses only where both measured faster. Fused needs CUDA and a TP
         group of 2-8 ranks; `triton` always fuses, `auto` where the committed table measured this shape's fused
         op faster than cuBLAS then NCCL (`autotp_kernels.auto_table`)."""
         kernels = self.mode.kernels
@@ -98,8 +101,10 @@ class _ParallelLinear(nn.Module):
 
         if not (x.is_cuda and symm.available(self.tp_group)) and not fused.TUNING.emulate:
             return None
-        if kernels == "auto" and not (fused.TUNING.always or auto_table.fuses(
-                op, self.layout.tp_size, x[..., :1].numel() if rows is None else rows, K, N)):
+        M = x[..., :1].numel() if rows is None else rows
+        wanted = [(op, K, N)] + ([backward] if backward is not None else [])
+        if kernels == "auto" and not (fused.TUNING.always or all(
+                auto_table.fuses(name, self.layout.tp_size, M, k, n) for name, k, n in wanted)):
             return None
         return "triton" if kernels == "triton" else "cublas"
 
@@ -194,7 +199,10 @@ class RowParallelLinear(_ParallelLinear):
                 x = comm.split_to_tp(x, self.tp_group, self.split_sizes)
             else:
                 x = comm.copy_to_tp(x, self.tp_group).index_select(-1, self.input_index)
-        gemm = self.fused_gemm(x, "RS" if mode.sequence_parallel else "AR", self.in_features, self.out_features)
+        # Sequence parallel: a fused reduce-scatter here, a fused all-gather of dy [M/R, N] @ [N, K/R] in backward.
+        gemm = (self.fused_gemm(x, "RS", self.in_features, self.out_features,
+                                backward=("AG", self.out_features, self.in_features)) if mode.sequence_parallel
+                else self.fused_gemm(x, "AR", self.in_features, self.out_features))
         if mode.sequence_parallel:
             # Every rank adds the bias to its own rows; the bias gradient is summed over TP with the norms'.
             y = self._reduce_scatter_sequence(x, gemm)
@@ -261,8 +269,11 @@ def gather_region_input(entry: RegionEntry, x_shard_s: torch.Tensor, group, leng
     under their GEMMs and each product waits in `entry` for its layer."""
     layers = entry.layers
     # Decided on the gathered GEMM [M, K] @ [K, sum of the entry layers' N/R].
-    gemm = layers[0].fused_gemm(x_shard_s, "AG", x_shard_s.shape[-1], sum(m.out_features for m in layers),
-                                rows=x_shard_s[..., :1].numel() * comm.group_size(group)) if layers else None
+    # Backward: the entry layers' input gradients [M, sum N/R] @ [sum N/R, H], fused with their reduce-scatter.
+    width = sum(m.out_features for m in layers)
+    gemm = layers[0].fused_gemm(x_shard_s, "AG", x_shard_s.shape[-1], width,
+                                rows=x_shard_s[..., :1].numel() * comm.group_size(group),
+                                backward=("RS", width, x_shard_s.shape[-1])) if layers else None
     if gemm is not None and x_shard_s.dim() == 3 and length % comm.group_size(group) == 0:
         x_full, *products = _GatherMatmuls.apply(x_shard_s, group, gemm, layers, *[m.weight for m in layers])
         entry.hold(x_full, products)

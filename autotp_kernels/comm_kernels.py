@@ -38,17 +38,18 @@ def reduce_slots_kernel(
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     seg = tl.program_id(1).to(tl.int64)
+    slot = stride_slot.to(tl.int64)  # W slots span more than 2^31 elements before one slot does
     for start in range(pid * BLOCK, elems, programs * BLOCK):
         offs = start + tl.arange(0, BLOCK)  # int32: a piece has under 2^31 elements per segment
         mask = offs < elems
         at = seg * stride_seg + offset + offs
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for q in tl.static_range(W):
-            acc += tl.load(slots_ptr + q * stride_slot + at, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(slots_ptr + q * slot + at, mask=mask, other=0.0).to(tl.float32)
         total = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + seg * stride_out_seg + out_offset + offs, total, mask=mask)
         if KEEP:
-            tl.store(slots_ptr + keep * stride_slot + at, total, mask=mask)
+            tl.store(slots_ptr + keep * slot + at, total, mask=mask)
 
 
 def reduce_slots(slots, rows: tuple, out, out_row0: int, keep=None, block: int = 4096, programs: int = 132,

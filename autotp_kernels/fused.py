@@ -82,8 +82,21 @@ class FusedTuning:
     timeout_s: float = float(os.environ.get("AUTOTP_FUSED_TIMEOUT_S", "300"))
     """An op not complete this long after it was issued releases its waits and raises FusedCommError."""
 
+    def __post_init__(self):
+        for name, value, allowed in (("AUTOTP_FUSED_PUSH", self.push, ("copy", "epilogue")),
+                                     ("AUTOTP_FUSED_WAIT", self.wait, ("stream", "kernel"))):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: choose one of {', '.join(allowed)}")
+        for name, value in (("AUTOTP_FUSED_CHUNK_ROWS", self.chunk_rows),
+                            ("AUTOTP_FUSED_REDUCE_PROGRAMS", self.reduce_programs)):
+            if value < 1:
+                raise ValueError(f"{name}={value}: must be at least 1")
+
 
 TUNING = FusedTuning()
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PLAN_CACHE = 128
+"""Address plans a workspace keeps (least recently used dropped): variable-length batches make a plan per length."""
 # torch 2.13's names for the flat collectives (the old ones warn on every call); torch 2.11 has only the old ones.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -139,6 +152,10 @@ def _check_pairs(pairs):
                              f"[SEG, S, K] @ [K, {b0.shape[1]}]")
         if a.shape[:2] != a0.shape[:2] or a.dtype != a0.dtype or b.dtype != a0.dtype:
             raise ValueError("fused matmul: all operand pairs need the same [SEG, S] and dtype")
+    if a0.dtype not in _DTYPES:
+        raise ValueError(f"fused matmul: {a0.dtype} is not one of the fused ops' dtypes (float32, float16, bfloat16)")
+    if a0.shape[0] > 65535:  # the reduction's grid has one row of programs per segment
+        raise ValueError(f"fused matmul: {a0.shape[0]} segments; at most 65535")
 
 
 @dataclass
@@ -228,6 +245,18 @@ def _reduce_plan(ws, seg: int, S: int, N: int, dtype: torch.dtype, scatter: bool
     return plan
 
 
+def _cached(ws, key, build):
+    """ws.plans[key], built on first use; the least recently used plan goes past PLAN_CACHE. An evicted plan's
+    ops are done with it: each op's side streams join the compute stream before the next op is issued."""
+    plan = ws.plans.pop(key, None)
+    if plan is None:
+        plan = build()
+    ws.plans[key] = plan  # most recent last
+    while len(ws.plans) > PLAN_CACHE:
+        ws.plans.pop(next(iter(ws.plans)))
+    return plan
+
+
 def _gemm_into(pairs, rows, outs, gemm: str):
     for (s, lo, hi), out in zip(rows, outs):
         for i, (a, b) in enumerate(pairs):
@@ -258,18 +287,36 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     m_lo, m_hi = owner_range(me, S, world)
     out = torch.empty((seg, m_hi - m_lo if scatter else S, N), dtype=a0.dtype, device=a0.device)
     pieces = chunks(S)
-    key = ("reduce", seg, S, N, a0.dtype, scatter, pieces, epoch % 2, push)
-    plan = ws.plans.get(key)
-    if plan is None:
-        plan = ws.plans[key] = _reduce_plan(ws, seg, S, N, a0.dtype, scatter, pieces, epoch, push)
+    # Everything the issuer bakes in is in the key, the reduction's programs too (a sweep changes them in place).
+    key = ("reduce", seg, S, N, a0.dtype, scatter, pieces, epoch % 2, push, TUNING.reduce_programs)
+    plan = _cached(ws, key, lambda: _reduce_plan(ws, seg, S, N, a0.dtype, scatter, pieces, epoch, push))
     compute = torch.cuda.current_stream(a0.device).cuda_stream
     native = _native() if gemm == "cublas" and TUNING.wait == "stream" and TUNING.native else None
     if native is not None:
-        if plan.issuer is None:
-            plan.issuer = _issuer(native, ws, plan, pieces, scatter)
-        plan.issuer.run([a for a, _ in pairs], [b for _, b in pairs], out, epoch, compute)
-        _finish(ws, [ws.reduce_stream], keep=[out], defer_join=defer_join, pieces=pieces)
+        try:
+            if plan.issuer is None:
+                plan.issuer = _issuer(native, ws, plan, pieces, scatter)
+            plan.issuer.run([a for a, _ in pairs], [b for _, b in pairs], out, epoch, compute)
+        finally:  # even an op that failed half-issued is joined before the next one (its peers time out)
+            _finish(ws, _side_streams(ws, plan, scatter), keep=[out], defer_join=defer_join, pieces=pieces)
         return out if scatter else out.view(*shape[:2], N)
+    try:
+        _issue_python(ws, plan, pairs, out, epoch, compute, pieces, scatter, gemm)
+    finally:
+        _finish(ws, _side_streams(ws, plan, scatter), keep=[out], defer_join=defer_join, pieces=pieces)
+    return out if scatter else out.view(*shape[:2], N)
+
+
+def _side_streams(ws, plan: _ReducePlan, scatter: bool) -> list:
+    """The streams an op of `plan` puts work on besides the compute stream, the reduction's first."""
+    side = [ws.reduce_stream] + ([] if scatter else [ws.collect_stream])
+    return side + ([ws.copy_stream] if any(step.copies for step in plan.steps) else [])
+
+
+def _issue_python(ws, plan: _ReducePlan, pairs, out, epoch: int, compute: int, pieces: int, scatter: bool,
+                  gemm: str) -> None:
+    """The Python host path of `matmul_reduce` (the C++ one, `csrc/fused_issue.cpp`, issues the same work)."""
+    world, me = ws.world, ws.rank
     pusher, reducer = ws.copy_stream.cuda_stream, ws.reduce_stream.cuda_stream
     collector = ws.collect_stream.cuda_stream
     start = ws.events("start", 1)[0]
@@ -309,7 +356,6 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
                 continue
             for addr in plan.rdone[p]:
                 cuda_driver.write_value(reducer, addr, epoch)
-    side = [ws.reduce_stream]
     if not scatter:
         out_ptr = out.data_ptr()
         with torch.cuda.stream(ws.collect_stream):
@@ -317,11 +363,6 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
                 _await_flags(collector, plan.rdone_waits[p], plan.rdone_table[p], epoch)
                 for dst, src, nbytes in plan.collect[p]:
                     cuda_driver.copy(collector, out_ptr + dst, src, nbytes)
-        side.append(ws.collect_stream)
-    if any(step.copies for step in plan.steps):
-        side.append(ws.copy_stream)
-    _finish(ws, side, keep=[out], defer_join=defer_join, pieces=pieces)
-    return out if scatter else out.view(*shape[:2], N)
 
 
 _NATIVE: dict = {}
@@ -389,6 +430,9 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
         if b.dim() != 2 or b.shape[0] != K or b.dtype != x_shard.dtype:
             raise ValueError(f"all_gather_matmul: weight {tuple(b.shape)} {b.dtype} does not fit [{K}, N] "
                              f"{x_shard.dtype}")
+    if x_shard.dtype not in _DTYPES:
+        raise ValueError(f"all_gather_matmul: {x_shard.dtype} is not one of the fused ops' dtypes (float32, "
+                         "float16, bfloat16)")
     elem = x_shard.element_size()
     ws = symm.workspace(group, x_shard.device, x_shard.numel() * elem)
     world, me = ws.world, ws.rank
@@ -400,49 +444,50 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
     handle, copy = compute.cuda_stream, ws.copy_stream.cuda_stream
     native = _native() if gemm == "cublas" and TUNING.native else None
     if native is not None:
-        issuer = ws.plans.get(("gather", epoch % 2))
-        if issuer is None:
-            issuer = ws.plans[("gather", epoch % 2)] = native.GatherIssuer(
+        try:
+            issuer = _cached(ws, ("gather", epoch % 2), lambda: native.GatherIssuer(
                 me, [ws.data_ptr(q, epoch) for q in range(world)],
                 [0 if q == me else ws.flag_addr(q, shard_index(me)) for q in range(world)],
-                [0 if q == me else ws.flag_addr(me, shard_index(q)) for q in range(world)], copy)
-        issuer.run(x_shard, x_full, list(weights), ys, epoch, handle)
-        x_full.record_stream(ws.copy_stream)
-        _finish(ws, [ws.copy_stream], keep=[], defer_join=False)
+                [0 if q == me else ws.flag_addr(me, shard_index(q)) for q in range(world)], copy,
+                x_shard.device.index))
+            issuer.run(x_shard, x_full, list(weights), ys, epoch, handle)
+        finally:  # even an op that failed half-issued is joined before the next one
+            _finish(ws, [ws.copy_stream], keep=[x_full], defer_join=False)
         return x_full, ys
-    ws.data_view(me, epoch, (seg, s_own, K), x_shard.dtype).copy_(x_shard)
-    for q in range(world):
-        if q != me:
-            cuda_driver.write_value(handle, ws.flag_addr(q, shard_index(me)), epoch)
-    x_full[:, me * s_own:(me + 1) * s_own].copy_(x_shard)
-    start = ws.events("start", 1)[0]
-    start.record(handle)  # the shard is in the buffer and x_full allocated
-    start.wait(copy)
+    try:
+        ws.data_view(me, epoch, (seg, s_own, K), x_shard.dtype).copy_(x_shard)
+        for q in range(world):
+            if q != me:
+                cuda_driver.write_value(handle, ws.flag_addr(q, shard_index(me)), epoch)
+        x_full[:, me * s_own:(me + 1) * s_own].copy_(x_shard)
+        start = ws.events("start", 1)[0]
+        start.record(handle)  # the shard is in the buffer and x_full allocated
+        start.wait(copy)
 
-    def multiply(src):
-        rows = slice(src * s_own, (src + 1) * s_own)
-        for s in range(seg):
-            for y, b in zip(ys, weights):
-                _mm(x_full[s, rows], b, y[s, rows], False, gemm)
+        def multiply(src):
+            rows = slice(src * s_own, (src + 1) * s_own)
+            for s in range(seg):
+                for y, b in zip(ys, weights):
+                    _mm(x_full[s, rows], b, y[s, rows], False, gemm)
 
-    multiply(me)
-    arrived = ws.events("arrived", world)
-    shard_bytes = s_own * K * elem
-    # Rank-shifted order: at step i every rank reads a different peer, spreading the links' load; one stream,
-    # so the shard the GEMM needs next arrives first.
-    for i in range(1, world):
-        src = (me + i) % world
-        cuda_driver.wait_value(copy, ws.flag_addr(me, shard_index(src)), epoch)
-        for s in range(seg):
-            cuda_driver.copy(copy, x_full[s, src * s_own].data_ptr() if s_own else 0,
-                             ws.data_ptr(src, epoch) + s * shard_bytes, shard_bytes)
-        arrived[src].record(copy)
-    x_full.record_stream(ws.copy_stream)
-    for i in range(1, world):
-        src = (me + i) % world
-        arrived[src].wait(handle)
-        multiply(src)
-    _finish(ws, [ws.copy_stream], keep=[], defer_join=False)
+        multiply(me)
+        arrived = ws.events("arrived", world)
+        shard_bytes = s_own * K * elem
+        # Rank-shifted order: at step i every rank reads a different peer, spreading the links' load; one stream,
+        # so the shard the GEMM needs next arrives first.
+        for i in range(1, world):
+            src = (me + i) % world
+            cuda_driver.wait_value(copy, ws.flag_addr(me, shard_index(src)), epoch)
+            for s in range(seg):
+                cuda_driver.copy(copy, x_full[s, src * s_own].data_ptr() if s_own else 0,
+                                 ws.data_ptr(src, epoch) + s * shard_bytes, shard_bytes)
+            arrived[src].record(copy)
+        for i in range(1, world):
+            src = (me + i) % world
+            arrived[src].wait(handle)
+            multiply(src)
+    finally:
+        _finish(ws, [ws.copy_stream], keep=[x_full], defer_join=False)
     return x_full, ys
 
 

@@ -108,6 +108,7 @@ ReduceIssuer::~ReduceIssuer() {
 void ReduceIssuer::run(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, const at::Tensor& out,
                        int64_t epoch, int64_t compute_handle) {
   if (a.empty() || a.size() != b.size()) throw std::invalid_argument("autotp fused: need matching operand lists");
+  c10::DeviceGuard guard(slots_.device());
   auto compute = reinterpret_cast<cudaStream_t>(compute_handle);
   // The side streams start after everything already on the compute stream (the inputs, the last op's join).
   check(cudaEventRecord(start_, compute), "cudaEventRecord");
@@ -160,10 +161,11 @@ void ReduceIssuer::run(const std::vector<at::Tensor>& a, const std::vector<at::T
 }
 
 GatherIssuer::GatherIssuer(int64_t me, std::vector<uint64_t> data, std::vector<uint64_t> signal,
-                           std::vector<uint64_t> waits, int64_t copier)
+                           std::vector<uint64_t> waits, int64_t copier, int64_t device)
     : me_(me), world_(static_cast<int64_t>(data.size())), data_(std::move(data)), signal_(std::move(signal)),
       waits_(std::move(waits)), copier_(reinterpret_cast<cudaStream_t>(copier)) {
   driver();
+  c10::DeviceGuard guard(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
   if (static_cast<int64_t>(signal_.size()) != world_ || static_cast<int64_t>(waits_.size()) != world_)
     throw std::invalid_argument("autotp fused: GatherIssuer needs one data, signal and wait address per rank");
   start_ = new_event();
@@ -178,6 +180,7 @@ GatherIssuer::~GatherIssuer() {
 void GatherIssuer::run(const at::Tensor& x_shard, const at::Tensor& x_full, const std::vector<at::Tensor>& weights,
                        const std::vector<at::Tensor>& ys, int64_t epoch, int64_t compute_handle) {
   if (weights.size() != ys.size()) throw std::invalid_argument("autotp fused: one output per weight");
+  c10::DeviceGuard guard(x_shard.device());
   auto compute = reinterpret_cast<cudaStream_t>(compute_handle);
   const int64_t seg = x_shard.size(0), s_own = x_shard.size(1);
   const uint64_t row_bytes = static_cast<uint64_t>(x_shard.size(2)) * x_shard.element_size();
@@ -190,13 +193,12 @@ void GatherIssuer::run(const at::Tensor& x_shard, const at::Tensor& x_full, cons
         "cudaMemcpyAsync");
   for (int64_t q = 0; q < world_; ++q)
     if (q != me_) write_flag(compute, signal_[q], epoch);
-  auto into_rows = [&](cudaStream_t stream, int64_t q, const void* src) {
-    if (shard_bytes == 0) return;
-    check(cudaMemcpy2DAsync(reinterpret_cast<void*>(full_base + q * shard_bytes), full_bytes, src, shard_bytes,
-                            shard_bytes, seg, cudaMemcpyDeviceToDevice, stream),
-          "cudaMemcpy2DAsync");
+  // One copy per segment (a strided 2-D copy would cap the pitch, W x S/W x K bytes, at cudaMemcpy2D's limit).
+  auto into_rows = [&](cudaStream_t stream, int64_t q, uint64_t src) {
+    for (int64_t s = 0; s < seg; ++s)
+      copy(stream, full_base + s * full_bytes + q * shard_bytes, src + s * shard_bytes, shard_bytes);
   };
-  into_rows(compute, me_, x_shard.data_ptr());
+  into_rows(compute, me_, reinterpret_cast<uint64_t>(x_shard.data_ptr()));
   check(cudaEventRecord(start_, compute), "cudaEventRecord");
   check(cudaStreamWaitEvent(copier_, start_, 0), "cudaStreamWaitEvent");
   auto multiply = [&](int64_t q) {
@@ -214,7 +216,7 @@ void GatherIssuer::run(const at::Tensor& x_shard, const at::Tensor& x_full, cons
   for (int64_t i = 1; i < world_; ++i) {
     const int64_t q = (me_ + i) % world_;
     wait_flag(copier_, waits_[q], epoch);
-    into_rows(copier_, q, reinterpret_cast<const void*>(data_[q]));
+    into_rows(copier_, q, data_[q]);
     check(cudaEventRecord(arrived_[q], copier_), "cudaEventRecord");
   }
   for (int64_t i = 1; i < world_; ++i) {

@@ -79,7 +79,7 @@ class GatherIssuer {
   // data: every rank's buffer address of this epoch parity; signal: XREADY(me) on each peer (0 for me); waits:
   // XREADY(q) here for each rank q (0 for me).
   GatherIssuer(int64_t me, std::vector<uint64_t> data, std::vector<uint64_t> signal, std::vector<uint64_t> waits,
-               int64_t copier);
+               int64_t copier, int64_t device);
   ~GatherIssuer();
   GatherIssuer(const GatherIssuer&) = delete;
   GatherIssuer& operator=(const GatherIssuer&) = delete;

@@ -46,8 +46,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run", &autotp::ReduceIssuer::run, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("epoch"),
            py::arg("compute"));
   py::class_<autotp::GatherIssuer>(m, "GatherIssuer", py::module_local())
-      .def(py::init<int64_t, std::vector<uint64_t>, std::vector<uint64_t>, std::vector<uint64_t>, int64_t>(),
-           py::arg("me"), py::arg("data"), py::arg("signal"), py::arg("waits"), py::arg("copier"))
+      .def(py::init<int64_t, std::vector<uint64_t>, std::vector<uint64_t>, std::vector<uint64_t>, int64_t, int64_t>(),
+           py::arg("me"), py::arg("data"), py::arg("signal"), py::arg("waits"), py::arg("copier"), py::arg("device"))
       .def("run", &autotp::GatherIssuer::run, py::arg("x_shard"), py::arg("x_full"), py::arg("weights"),
            py::arg("ys"), py::arg("epoch"), py::arg("compute"));
   m.def(

@@ -64,3 +64,46 @@ def test_a_table_without_a_column_is_refused_by_name(tmp_path):
     bad.write_text("op,world,M,K,N,seq_ms,fused_ms\nAR,two,1,1,1,0.1,0.1\n")
     with pytest.raises(ValueError, match="line 2"):
         auto_table.load(str(bad))
+
+
+def _asked(rank, world, sequence_parallel):
+    import autotp
+    from autotp_kernels import auto_table, fused
+    from families import engine_losses, tiny_model
+
+    fused.TUNING.emulate, fused.TUNING.always = True, False
+    asked = set()
+
+    def record(op, tp, M, K, N):
+        asked.add((op, tp, M, K, N))
+        return True
+
+    auto_table.fuses = record
+    model = tiny_model("llama")  # hidden 64, 4 heads of 16 (2 KV heads), MLP 96, vocab 103
+    config = {"train_micro_batch_size_per_gpu": 2,
+              "tensor_parallel": {"autotp_size": 2, "kernels": "auto", "sequence_parallel": sequence_parallel,
+                                  "vocab_parallel_loss": False},
+              "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
+    engine, _, _, _ = autotp.initialize(model=model, config=config)
+    engine_losses(engine, steps=1)
+    return sorted(asked)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_layers_ask_the_table_with_the_gemms_they_run(sequence_parallel):
+    """A tiny Llama at TP=2, 2 x 8 tokens: each fused op's local GEMM, and with sequence parallelism the fused op
+    its backward then runs too (a fused reduce-scatter's backward is a fused all-gather and the reverse)."""
+    from dist_utils import run_distributed
+
+    asked = run_distributed(2, _asked, sequence_parallel)[0]
+    M = 16
+    if sequence_parallel:
+        expected = {("RS", 2, M, 32, 64), ("AG", 2, M, 64, 32),     # o: [M, 64/2] @ [32, 64]; backward dy @ W
+                    ("RS", 2, M, 48, 64), ("AG", 2, M, 64, 48),     # down: [M, 96/2] @ [48, 64]
+                    ("AG", 2, M, 64, 64), ("RS", 2, M, 64, 64),     # q, k, v entry: [M, 64] @ [64, 32+16+16]
+                    ("AG", 2, M, 64, 96), ("RS", 2, M, 96, 64)}     # gate, up entry: [M, 64] @ [64, 48+48]
+    else:
+        # q and o forward (M, 32, 64); k, v dgrad (M, 16, 64); gate, up dgrad and down forward (M, 48, 64). The LM
+        # head gathers its logits (no vocab-parallel loss here): no fused op.
+        expected = {("AR", 2, M, 32, 64), ("AR", 2, M, 16, 64), ("AR", 2, M, 48, 64)}
+    assert set(asked) == expected, sorted(set(asked) ^ expected)

@@ -27,6 +27,9 @@ def _rank_ordered_sum(parts):
 
 @pytest.mark.parametrize("world,seg,R,lo,hi,N", [(2, 1, 8, 2, 6, 5), (4, 2, 12, 3, 7, 33), (3, 1, 130, 5, 128, 123),
                                                  (8, 3, 9, 0, 9, 4), (4, 1, 6, 2, 2, 3)])
+# No bfloat16 here: the Triton interpreter (numpy has no bfloat16) truncates the fp32 sum where the GPU rounds to
+# nearest, so its bits differ by design; on the GPU tests/gpu/fused_check.py matches the CUDA and Triton kernels
+# bit for bit in bfloat16, fp16 and fp32.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("keep", [None, 1])
 @pytest.mark.parametrize("programs", [2, 64])

@@ -66,16 +66,31 @@ def _run(world, seg, S, K, N, chunk_rows, scatter, dtype, epoch, push, n_pairs, 
                     fused._gemm_into(pairs[r], step.rows, step.outs, "cublas")
                     for dst, src, size in step.copies:
                         ctypes.memmove(dst, src, size)
+        _assert_disjoint_writes(plans, world, pieces, p)
         for r, plan in enumerate(plans):
-            lo, hi = plan.mine[p]
-            m_lo = fused.owner_range(r, S, world)[0]
-            reduce_slots(plan.slots, (lo, hi), outs[r], lo if scatter else m_lo + lo,
-                         keep=None if scatter else r, block=8, programs=3)
+            reduce_slots(plan.slots, plan.mine[p], outs[r], plan.out_row0[p], keep=None if scatter else r, block=8,
+                         programs=3)
         if not scatter:
             for r, plan in enumerate(plans):
                 for dst, src, size in plan.collect[p]:
                     ctypes.memmove(outs[r].data_ptr() + dst, src, size)
+    # The other parity's buffers are the previous op's, which a slower peer may still read: never touched.
+    assert all(bool((b == 0xFF).all()) for b in buffers[(epoch + 1) % 2])
     return plans, outs, total, pieces
+
+
+def _assert_disjoint_writes(plans, world, pieces, p):
+    """Within piece p, no two ranks' GEMM outputs or pushes land on the same bytes (each owner slot q is written
+    by rank q alone, each stage by its own rank)."""
+    spans = []
+    for r, plan in enumerate(plans):
+        for (q, _), step in zip(fused.issue_order(r, world, pieces), plan.steps):
+            if q != p:
+                continue
+            spans += [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in step.outs if t.numel()]
+            spans += [(dst, dst + size) for dst, _, size in step.copies]
+    spans.sort()
+    assert all(a_hi <= b_lo for (_, a_hi), (b_lo, _) in zip(spans, spans[1:])), "overlapping writes"
 
 
 @pytest.mark.parametrize("world,seg,S,K,N,chunk_rows", [(2, 1, 64, 8, 16, 16), (4, 2, 40, 5, 12, 8),
@@ -118,3 +133,41 @@ def test_every_awaited_flag_is_written_by_the_peer_it_names(scatter, monkeypatch
             awaited = sorted(a for plan in plans for a in plan.rdone_waits[p])
             assert written == awaited == sorted(addr(o, rdone_index(q, p)) for o in range(world)
                                                 for q in range(world) if q != o)
+
+
+class _RecordingNative:
+    """Stands in for the C++ extension: keeps what `fused._issuer` hands to ReduceIssuer."""
+
+    class ReduceIssuer:
+        def __init__(self, steps, pieces, slots, scatter, me, pusher, reducer, collector, programs):
+            self.args = dict(steps=steps, pieces=pieces, slots=slots, scatter=scatter, me=me, streams=(
+                pusher, reducer, collector), programs=programs)
+
+
+class _Stream:
+    def __init__(self, handle):
+        self.cuda_stream = handle
+
+
+@pytest.mark.parametrize("scatter", [False, True])
+def test_the_cpp_issuer_gets_the_plan_field_for_field(scatter, monkeypatch):
+    """`_issuer`'s tuples are positional: each field of each step and piece must be the plan's (a swapped
+    rdone / rdone_waits would hang the GPU until the watchdog fires)."""
+    world, S, pieces = 4, 32, 0
+    plans, _, _, pieces = _run(world, 1, S, 4, 8, 8, scatter, torch.float32, 1, "copy", 1, monkeypatch)
+    ws = _FakeWorkspace(world, 2, None)
+    ws.copy_stream, ws.reduce_stream, ws.collect_stream = _Stream(11), _Stream(12), _Stream(13)
+    plan = plans[2]
+    args = fused._issuer(_RecordingNative, ws, plan, pieces, scatter).args
+    assert args["me"] == 2 and args["scatter"] == scatter and args["slots"] is plan.slots
+    assert args["streams"] == (11, 12, 13) and args["programs"] == fused.TUNING.reduce_programs
+    for (piece, _), step, passed in zip(fused.issue_order(2, world, pieces), plan.steps, args["steps"]):
+        assert passed[0] == piece and passed[1] == [tuple(r) for r in step.rows]
+        assert all(a is b for a, b in zip(passed[2], step.outs)) and passed[3] == step.copies
+        assert passed[4] == (step.ready or 0)
+    for p, passed in enumerate(args["pieces"]):
+        assert passed[0] == plan.ready_waits[p] and passed[1:4] == (*plan.mine[p], plan.out_row0[p])
+        if scatter:
+            assert passed[4:] == ([], [], [])
+        else:
+            assert passed[4:] == (plan.rdone[p], plan.rdone_waits[p], plan.collect[p])
