@@ -65,7 +65,9 @@ class FusedTuning:
     epilogue push, bench/results/tp_overlap_sweep_w2.csv): cuBLAS's remote stores slow the GEMM more than a
     local store plus a copy-engine transfer that runs beside the next GEMM."""
     reduce_programs: int = int(os.environ.get("AUTOTP_FUSED_REDUCE_PROGRAMS", "132"))
-    """Programs of the slot reduction (H200 has 132 SMs): what it may take from a GEMM it runs under."""
+    """Programs of the slot reduction (H200 has 132 SMs): what it may take from a GEMM it runs under. 132 is
+    unmeasured against fewer: the one sweep that varied it reused the first value in the C++ path (a plan-key bug,
+    fixed since), so its 32- and 132-program rows are the same setting."""
     always: bool = os.environ.get("AUTOTP_FUSED_ALWAYS") == "1"
     """`kernels: auto` fuses every shape instead of consulting the measured table (`auto_table`): for tests and
     benchmarks of the fused path in a whole model."""
