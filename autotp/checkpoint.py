@@ -43,6 +43,14 @@ def consolidated_state_dict(model: torch.nn.Module, group=None, to_cpu: bool = T
                             names: Optional[set] = None) -> Optional[dict]:
     """The model's full state dict under its original names, on global rank 0; None elsewhere. `names`: only
     these entries (the same set on every rank: the others are not gathered)."""
+    if getattr(model, "autotp_grid", None) is not None:  # 2-D TP: the grid's blocks, gathered over both axes
+        from .parallel2d import consolidated_state_dict_2d
+
+        full = consolidated_state_dict_2d(model)
+        if _global_rank() != 0:
+            return None
+        return {name: (value.cpu().clone() if to_cpu else value) for name, value in full.items()
+                if names is None or name in names}
     state = getattr(model, "autotp_state", None)
     if group is None and state is not None:
         group = state.groups.tp_group

@@ -14,7 +14,7 @@ _TOP_KEYS = {
     "seed", "communication_data_type",
 }
 _TP_KEYS = {"autotp_size", "preset_model", "partition_config", "tp_size", "kernels", "vocab_parallel_loss",
-            "sequence_parallel"}
+            "sequence_parallel", "grid"}
 _PARTITION_KEYS = {"use_default_specs", "strict_mode", "layer_specs"}
 _SPEC_KEYS = {"patterns", "partition_type", "shape", "partition_dim", "model_types", "gather_output",
               "grad_allreduce"}

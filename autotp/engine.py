@@ -23,6 +23,7 @@ from .config import AutoTPConfig, ConfigError, load_config_dict
 from .groups import ParallelGroups, init_distributed
 from .loss_scaler import LossScaler
 from .optim import prepare_optimizer, prepare_scheduler
+from .parallel2d import grid_forward
 from .placement import place_model, shard_model
 from .step import boundary_step
 from .topology import resolve_topology
@@ -75,6 +76,8 @@ class Engine:
     def forward(self, *args, **kwargs):
         if not self._batch_checked and self.module.training:
             self._check_same_batch(args, kwargs)
+        if getattr(self.module, "autotp_grid", None) is not None:  # 2-D TP: each grid row runs its samples
+            return grid_forward(self.module, args, kwargs)
         return self.module(*args, **kwargs)
 
     def train(self, mode: bool = True):
@@ -144,6 +147,11 @@ class Engine:
             raise RuntimeError(f"autotp: engine.{what}() needs an optimizer, and this engine has none (initialize "
                                "got neither optimizer= nor the config key 'optimizer'); it can run forward and "
                                "save the model only")
+
+    def _refuse_on_grid(self, what: str) -> None:
+        if getattr(self.module, "autotp_grid", None) is not None:  # the same model on every rank: all raise
+            raise ConfigError(f"autotp: {what} does not support 2-D tensor parallelism (tensor_parallel.grid) yet; "
+                              "save_pretrained writes the consolidated model, which a 1-D or 2-D run loads")
 
     def _check_same_batch(self, args, kwargs) -> None:
         """Every rank of a TP group must see the same micro-batch; a mismatch fails on all ranks at once."""
@@ -240,6 +248,7 @@ class Engine:
         """Model shards, optimizer partitions, scheduler, RNG, counters and loss scaler, written atomically
         (see `autotp/resume.py`). Collective: call on every rank."""
         self._require_optimizer("save_checkpoint")
+        self._refuse_on_grid("save_checkpoint")
         return resume.save_checkpoint(self, save_dir, tag, client_state, save_latest)
 
     def load_checkpoint(self, load_dir: str, tag=None, load_module_strict: bool = True,
@@ -247,6 +256,7 @@ class Engine:
                         load_module_only: bool = False):
         """Returns (path, client_state); loads at any TP x DP layout and ZeRO stage. Collective."""
         self._require_optimizer("load_checkpoint")
+        self._refuse_on_grid("load_checkpoint")
         return resume.load_checkpoint(self, load_dir, tag, load_module_strict, load_optimizer_states,
                                       load_lr_scheduler_states, load_module_only)
 

@@ -75,6 +75,16 @@ class _SumOverGroup(torch.autograd.Function):
         return comm.all_reduce_raw(grad.clone(), ctx.group), None
 
 
+COUNT_ONCE_ATTR = "autotp_count_once"
+"""The weight of a parameter's squared gradient in the grid's global norm (`zero.norm.count_once_weights`): 1 for
+a block only this rank holds, and for a block the r ranks of a grid column share, 1 on grid row 0 and 0 elsewhere."""
+
+
+def _count_once(param: nn.Parameter, replicated_over_rows: bool, grid: Grid) -> nn.Parameter:
+    setattr(param, COUNT_ONCE_ATTR, 0.0 if replicated_over_rows and grid.i != 0 else 1.0)
+    return param
+
+
 def _block(size: int, parts: int, index: int, what: str) -> slice:
     if size % parts:
         raise ValueError(f"2-D tensor parallelism: {what} of {size} is not divisible by {parts}")
@@ -93,8 +103,9 @@ class ParallelLinear2D(nn.Module):
         _block(K, grid.cols, grid.j, "the input features (grid columns)")  # the activations' split
         self.grid = grid
         self.in_features, self.out_features = K, N
-        self.weight = nn.Parameter(linear.weight.detach()[rows_n, cols_k].clone())
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach()[rows_n].clone())
+        self.weight = _count_once(nn.Parameter(linear.weight.detach()[rows_n, cols_k].clone()), False, grid)
+        self.bias = None if linear.bias is None else _count_once(
+            nn.Parameter(linear.bias.detach()[rows_n].clone()), True, grid)
 
     def forward(self, x_ij: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else comm.copy_to_tp(self.bias, self.grid.col_group)
@@ -113,7 +124,8 @@ class RMSNorm2D(nn.Module):
         super().__init__()
         H = weight.shape[0]
         self.grid, self.hidden, self.eps = grid, H, eps
-        self.weight = nn.Parameter(weight.detach()[_block(H, grid.cols, grid.j, "the hidden size")].clone())
+        self.weight = _count_once(nn.Parameter(weight.detach()[_block(H, grid.cols, grid.j, "the hidden size")].clone()),
+                                  True, grid)
 
     def forward(self, x_ij: torch.Tensor) -> torch.Tensor:
         squares = x_ij.float().pow(2).sum(-1, keepdim=True)
@@ -131,7 +143,8 @@ class Embedding2D(nn.Module):
         H = embedding.weight.shape[1]
         self.grid = grid
         self.padding_idx = embedding.padding_idx
-        self.weight = nn.Parameter(embedding.weight.detach()[:, _block(H, grid.cols, grid.j, "the hidden size")].clone())
+        self.weight = _count_once(nn.Parameter(
+            embedding.weight.detach()[:, _block(H, grid.cols, grid.j, "the hidden size")].clone()), True, grid)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, comm.copy_to_tp(self.weight, self.grid.col_group), self.padding_idx)

@@ -4,12 +4,14 @@ layers and the LM head becomes a `ParallelLinear2D`, every RMSNorm an `RMSNorm2D
 infers the head count from the projection's width) over whole sequences of the row's samples.
 
 Rank (i, j) takes samples [i B/r, (i+1) B/r) of each batch, as a data-parallel rank would, and its loss is the
-mean over those samples' tokens: scale it by 1 / rows before backward (the grid's weight gradients are summed over
-the rows), and average the reported value over the column group. Not yet wired into `autotp.initialize`'s config
-(`tensor_parallel.grid`): ZeRO, checkpoints and the engine's clipping do not know 2-D parameters yet.
+mean over those samples' tokens. Called directly, scale it by 1 / rows before backward (the grid's weight
+gradients are summed over the rows); through `autotp.initialize` with `tensor_parallel.grid`, the engine does both
+(`grid_forward`): every rank gets the TP group's batch, and the loss it returns is the mean over the rows.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -25,21 +27,45 @@ def _is_rms_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith(_NORMS) and hasattr(module, "weight")
 
 
-def parallelize_llama_2d(model: nn.Module, grid: Grid) -> nn.Module:
-    """Replace the modules of a Llama-style `*ForCausalLM` in place for `grid`; returns the model."""
+def unsupported_2d(model: nn.Module, grid_shape: tuple) -> Optional[str]:
+    """Why `parallelize_llama_2d` cannot put `model` on a grid of `grid_shape` (rows, cols), or None. Checks the
+    model's structure and sizes only: the same answer on every rank, before any group exists."""
+    rows, cols = grid_shape
     config = getattr(model, "config", None)
     base = getattr(model, "model", None)
     if config is None or base is None or not hasattr(base, "layers") or not hasattr(model, "lm_head"):
-        raise ValueError(f"2-D tensor parallelism supports Llama-style causal LMs (model.model.layers, lm_head); "
-                         f"got {type(model).__name__}")
+        return f"2-D tensor parallelism supports Llama-style causal LMs (model.model.layers, lm_head); got " \
+               f"{type(model).__name__}"
     if getattr(config, "tie_word_embeddings", False):
-        raise ValueError("2-D tensor parallelism: tied input and output embeddings are not supported yet "
-                         f"({type(model).__name__} has tie_word_embeddings=True)")
+        return f"2-D tensor parallelism: tied input and output embeddings are not supported yet " \
+               f"({type(model).__name__} has tie_word_embeddings=True)"
     for name, heads in (("num_attention_heads", config.num_attention_heads),
                         ("num_key_value_heads", getattr(config, "num_key_value_heads", config.num_attention_heads))):
-        if heads % grid.cols:
-            raise ValueError(f"2-D tensor parallelism: {name}={heads} is not divisible by the grid's {grid.cols} "
-                             "columns (attention heads are split over them)")
+        if heads % cols:
+            return f"2-D tensor parallelism: {name}={heads} is not divisible by the grid's {cols} columns " \
+                   "(attention heads are split over them)"
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            N, K = module.weight.shape
+            for size, parts, what in ((N, cols, "output features"), (K, rows, "input features"),
+                                      (K, cols, "input features")):
+                if size % parts:
+                    return f"2-D tensor parallelism: {name} has {size} {what}, not divisible by {parts}"
+        elif _is_rms_norm(module) and module.weight.shape[0] % cols:
+            return f"2-D tensor parallelism: {name} has {module.weight.shape[0]} features, not divisible by {cols}"
+        elif name.startswith("model.layers.") and not list(module.children()) and not isinstance(module, nn.Linear) \
+                and not _is_rms_norm(module) and any(True for _ in module.parameters(recurse=False)):
+            return f"2-D tensor parallelism: {name} ({type(module).__name__}) has no 2-D form yet"
+    return None
+
+
+def parallelize_llama_2d(model: nn.Module, grid: Grid) -> nn.Module:
+    """Replace the modules of a Llama-style `*ForCausalLM` in place for `grid`; returns the model, which keeps
+    the grid as `model.autotp_grid`."""
+    why = unsupported_2d(model, (grid.rows, grid.cols))
+    if why is not None:
+        raise ValueError(why)
+    base = model.model
     for layer_index, layer in enumerate(base.layers):
         for name, module in list(layer.named_modules()):
             if not name:
@@ -57,7 +83,46 @@ def parallelize_llama_2d(model: nn.Module, grid: Grid) -> nn.Module:
     base.embed_tokens = Embedding2D(base.embed_tokens, grid)
     base.norm = RMSNorm2D(base.norm.weight, _eps(base.norm), grid)
     model.lm_head = Head2D(model.lm_head, grid)
+    model.autotp_grid = grid
     return model
+
+
+class _MeanOverRows(torch.autograd.Function):
+    """forward: the mean of the grid rows' losses (all-reduced over the column); backward: each rank's own loss
+    gets 1/rows of the gradient (every rank calls backward on the same mean)."""
+
+    @staticmethod
+    def forward(ctx, loss, group, rows: int):
+        ctx.rows = rows
+        return comm.all_reduce_raw(loss.detach().clone(), group) / rows
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.rows, None, None
+
+
+def grid_forward(model: nn.Module, args: tuple, kwargs: dict):
+    """Call a model on a grid with the TP group's batch: each grid row runs its 1/rows of the samples (every
+    batch-major tensor argument cut along dim 0; one of size 1 is broadcast and passed whole), and the output's
+    loss becomes the mean of the rows' losses, whose backward trains every rank. The logits stay the row's."""
+    grid: Grid = model.autotp_grid
+    tensors = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v.dim() >= 1]
+    batch = tensors[0].shape[0] if tensors else 0
+    if batch % grid.rows:
+        raise ValueError(f"2-D tensor parallelism: the batch of {batch} samples does not split over the grid's "
+                         f"{grid.rows} rows (train_micro_batch_size_per_gpu must be a multiple of them)")
+    per_row = batch // grid.rows
+
+    def cut(value):
+        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == batch and batch > 1:
+            return value[grid.i * per_row:(grid.i + 1) * per_row]
+        return value
+
+    out = model(*[cut(a) for a in args], **{k: cut(v) for k, v in kwargs.items()})
+    loss = getattr(out, "loss", None)
+    if loss is not None and grid.rows > 1:
+        out.loss = _MeanOverRows.apply(loss, grid.col_group, grid.rows)
+    return out
 
 
 def _eps(norm: nn.Module) -> float:

@@ -4,6 +4,7 @@ and identical across its DP replicas. Two steps of `initialize`: `shard_model`, 
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -15,12 +16,16 @@ from .groups import ParallelGroups
 from .replace import parallelize, set_kernels
 from .vocab_parallel import enable_vocab_parallel_loss, vocab_parallel_wanted
 
+logger = logging.getLogger("autotp")
+
 
 def shard_model(model: nn.Module, cfg: AutoTPConfig, groups: ParallelGroups, raw: dict) -> None:
     """Shard `model` over `groups` with the config's plan (`parallelize`). A model `parallelize` already sharded
     keeps its plan: the config only picks its GEMMs (`tensor_parallel.kernels`, when given) and turns the
     vocabulary-parallel loss on where its LM head is split over the vocabulary."""
     tp = cfg.tensor_parallel
+    if tp.grid is not None and getattr(model, "autotp_state", None) is None and _shard_2d(model, tp.grid):
+        return
     if getattr(model, "autotp_state", None) is None:
         recorded = getattr(model, "autotp_tp_model_init", None)
         partition = recorded.partition_config if recorded is not None and recorded.partition_config is not None \
@@ -40,6 +45,22 @@ def shard_model(model: nn.Module, cfg: AutoTPConfig, groups: ParallelGroups, raw
             if tp.vocab_parallel_loss is True:  # `auto` keeps the LM head as it was sharded
                 raise ConfigError(f"config key 'tensor_parallel.vocab_parallel_loss' = True: {err}; call "
                                   "autotp.parallelize(..., vocab_parallel=True)") from None
+
+
+def _shard_2d(model: nn.Module, grid_shape: tuple) -> bool:
+    """Put the model on the config's r x c grid (`parallel2d`) where 2-D TP supports it; False (one log line on
+    rank 0 naming why) where it does not, and the run is 1-D over the same ranks."""
+    from .grid import make_grid
+    from .parallel2d import parallelize_llama_2d, unsupported_2d
+
+    why = unsupported_2d(model, grid_shape)
+    if why is not None:
+        if dist.get_rank() == 0:
+            logger.warning("autotp: tensor_parallel.grid %s: %s; this run uses 1-D tensor parallelism over the same "
+                           "%d ranks", list(grid_shape), why, grid_shape[0] * grid_shape[1])
+        return False
+    model.autotp_grid = parallelize_llama_2d(model, make_grid(*grid_shape)).autotp_grid
+    return True
 
 
 def device_for_run() -> torch.device:

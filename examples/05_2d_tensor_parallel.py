@@ -2,11 +2,11 @@
 
     torchrun --standalone --nproc_per_node=4 examples/05_2d_tensor_parallel.py
 
-Every weight is cut along both of its dimensions: rank (i, j) holds block (j, i) of each projection, so a rank
-keeps a quarter of every matrix. Activations are split too: grid row i takes its samples of the batch, grid
-column j its 1/c of the hidden features. A linear layer all-gathers its input's features over the
-grid row and its weight's blocks over the grid column, and reduce-scatters the gradients back. Three SGD steps;
-the loss of every step must equal the dense model's on the whole batch.
+`tensor_parallel.grid: [2, 2]` with `autotp_size: 4`: every weight is cut along both of its dimensions, rank
+(i, j) holding block (j, i) of each projection, a quarter of every matrix. Activations are split too: grid row i
+runs its half of the TP group's batch (the engine cuts it), grid column j its half of the hidden features. A
+linear layer all-gathers its input's features over the grid row and its weight's blocks over the grid column,
+and reduce-scatters the gradients back. Three SGD steps; each loss must equal the dense model's on the whole batch.
 """
 
 import copy
@@ -16,12 +16,13 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import autotp
-from autotp.grid import make_grid
-from autotp.parallel2d import parallelize_llama_2d
 
 autotp.init_distributed()
-ROWS, COLS = 2, dist.get_world_size() // 2
-grid = make_grid(ROWS, COLS)
+ds_config = {
+    "train_micro_batch_size_per_gpu": 4,  # the TP group's batch: 2 samples per grid row
+    "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+    "tensor_parallel": {"autotp_size": 4, "grid": [2, 2]},
+}
 
 torch.manual_seed(0)
 config = AutoConfig.for_model("llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -29,20 +30,14 @@ config = AutoConfig.for_model("llama", vocab_size=128, hidden_size=64, intermedi
                               pad_token_id=0, bos_token_id=1, eos_token_id=2)
 model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 dense = copy.deepcopy(model)
-parallelize_llama_2d(model, grid)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 dense_optimizer = torch.optim.SGD(dense.parameters(), lr=0.1)
+engine, _, _, _ = autotp.initialize(model=model, config=ds_config)
 
-PER_ROW = 2
 for step in range(3):
-    ids = torch.randint(1, 128, (PER_ROW * ROWS, 16), generator=torch.Generator().manual_seed(step))
-    mine = ids[grid.i * PER_ROW:(grid.i + 1) * PER_ROW]  # this grid row's samples
-    loss = model(input_ids=mine, labels=mine).loss / ROWS  # weight gradients are summed over the grid's rows
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    if grid.col_group is not None:
-        dist.all_reduce(loss.detach(), group=grid.col_group)  # the loss of the whole batch
+    ids = torch.randint(1, 128, (4, 16), generator=torch.Generator().manual_seed(step))
+    loss = engine(input_ids=ids, labels=ids).loss  # the mean over the grid's rows
+    engine.backward(loss)
+    engine.step()
     dense_loss = dense(input_ids=ids, labels=ids).loss
     dense_loss.backward()
     dense_optimizer.step()
@@ -52,7 +47,7 @@ for step in range(3):
     if dist.get_rank() == 0:
         print(f"step {step}: loss {loss.item():.6f} = dense {dense_loss.item():.6f}", flush=True)
 
-q = model.model.layers[0].self_attn.q_proj
+grid, q = model.autotp_grid, model.model.layers[0].self_attn.q_proj
 print(f"rank {dist.get_rank()} at ({grid.i}, {grid.j}): q_proj block {tuple(q.weight.shape)} of (64, 64)", flush=True)
 dist.barrier()  # a rank that tears gloo down while a peer still works can abort (SIGABRT)
 dist.destroy_process_group()

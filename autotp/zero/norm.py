@@ -17,7 +17,11 @@ from ..shard import layout_of
 
 
 def count_once_weights(param: nn.Parameter, tp_rank: int) -> Union[float, torch.Tensor]:
-    """A scalar weight for the whole local tensor, or a flat tensor of per-element weights (KV replicas)."""
+    """A scalar weight for the whole local tensor, or a flat tensor of per-element weights (KV replicas). A 2-D
+    TP parameter carries its own (`layers2d.COUNT_ONCE_ATTR`)."""
+    given = getattr(param, "autotp_count_once", None)
+    if given is not None:
+        return float(given)
     layout, full_shape = layout_of(param) or (None, None)
     if layout is None:
         return 1.0 if tp_rank == 0 else 0.0
