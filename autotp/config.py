@@ -323,9 +323,9 @@ def parse_config(config: Any, world_size: int) -> AutoTPConfig:
         _fail("zero_optimization.stage", stage, "autotp supports ZeRO stages 0, 1, 2 and 3")
     zero_cfg = _parse_zero(zero, stage, d)
     unused[:] = _zero_unused(zero, stage, unused)
-    if tp.grid is not None and stage != 0:
-        _fail("zero_optimization.stage", stage, "with tensor_parallel.grid (2-D tensor parallelism) only stage 0 "
-                                                "is supported yet")
+    if tp.grid is not None and stage == 3:
+        _fail("zero_optimization.stage", stage, "with tensor_parallel.grid (2-D tensor parallelism) stages 0-2 are "
+                                                "supported, not 3 yet")
 
     optimizer = _parse_named_section(d, "optimizer", ("Adam", "AdamW", "SGD"))
     scheduler = _parse_named_section(d, "scheduler", SCHEDULER_TYPES)

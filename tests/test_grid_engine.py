@@ -1,6 +1,6 @@
 """2-D tensor parallelism through `autotp.initialize` (`tensor_parallel.grid`): a tiny Llama on a 2 x 2 grid
-(world 4) and on two 2 x 2 grids with ZeRO stage 0 over DP (world 8) trains like single-process AdamW on the global
-batch, with gradient clipping and accumulation: per-step gradient norms, and every parameter after three steps
+(world 4) and on two 2 x 2 grids with ZeRO stages 0, 1 and 2 over DP (world 8) trains like single-process AdamW on
+the global batch, with gradient clipping and accumulation: per-step gradient norms, and every parameter after three steps
 (consolidated by the engine). Tolerance: fp32, the same sums in other orders (gathered blocks, reduce-scattered
 partials, the DP mean), carried through three AdamW steps whose eps (1e-3) keeps the update's sensitivity to a
 gradient's last bits low: rtol 1e-5 / atol 1e-6 on the norms, 1e-5 / 1e-5 on the weights.
@@ -37,13 +37,13 @@ def _reference(dp: int, gas: int, clip: float):
     return model.state_dict(), norms
 
 
-def _train_grid(rank, world, grid, gas, clip):
+def _train_grid(rank, world, grid, gas, clip, stage):
     import autotp
 
     tp = grid[0] * grid[1]
     dp = world // tp
     config = {"train_batch_size": MICRO * gas * dp, "train_micro_batch_size_per_gpu": MICRO,
-              "gradient_clipping": clip,
+              "gradient_clipping": clip, "zero_optimization": {"stage": stage},
               "tensor_parallel": {"autotp_size": tp, "grid": list(grid)},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "eps": 1e-3, "weight_decay": 0.01}}}
     engine, _, _, _ = autotp.initialize(model=tiny_model("llama", **LLAMA), config=config)
@@ -63,9 +63,9 @@ def _train_grid(rank, world, grid, gas, clip):
     return engine.consolidated_state_dict(), norms
 
 
-@pytest.mark.parametrize("world,gas,clip", [(4, 1, 0.5), (8, 2, 1.0)])
-def test_a_grid_trains_like_one_process_on_the_global_batch(world, gas, clip):
-    results = run_distributed(world, _train_grid, (2, 2), gas, clip)
+@pytest.mark.parametrize("world,gas,clip,stage", [(4, 1, 0.5, 0), (8, 2, 1.0, 0), (8, 1, 1.0, 1), (8, 2, 0.5, 2)])
+def test_a_grid_trains_like_one_process_on_the_global_batch(world, gas, clip, stage):
+    results = run_distributed(world, _train_grid, (2, 2), gas, clip, stage)
     want_state, want_norms = _reference(world // 4, gas, clip)
     state, norms = results[0]
     assert all(r[0] is None for r in results[1:])  # consolidated on global rank 0 only
@@ -108,7 +108,7 @@ def test_an_unsupported_family_falls_back_to_1d_with_one_log_line():
     ({"autotp_size": 4, "grid": [2, 3]}, 0, "is 6 ranks, but tensor_parallel.autotp_size is 4"),
     ({"autotp_size": 4, "grid": [4]}, 0, "must be \\[rows, cols\\]"),
     ({"autotp_size": 2, "grid": [1, 2], "sequence_parallel": True}, 0, "does not combine with"),
-    ({"autotp_size": 2, "grid": [2, 1]}, 1, "only stage 0 is supported yet"),
+    ({"autotp_size": 2, "grid": [2, 1]}, 3, "stages 0-2 are supported, not 3 yet"),
 ])
 def test_the_config_refuses_a_grid_it_cannot_run(section, zero, match):
     from autotp.config import ConfigError, parse_config
