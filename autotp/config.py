@@ -54,8 +54,8 @@ class TensorParallelConfig:
     sequence_parallel: bool = False
     """Split activations over the sequence between TP regions (norms, residuals, dropout on 1/tp of it)."""
     grid: Optional[tuple] = None
-    """(rows, cols) with rows x cols = autotp_size: 2-D tensor parallelism (`autotp.parallel2d`) for the models it
-    supports (Llama-style causal LMs), 1-D for the others (one log line). None: 1-D."""
+    """(rows, cols) with rows x cols = autotp_size: 2-D tensor parallelism (`autotp.parallel2d`) for the families
+    it supports (`parallel2d.FAMILIES`), 1-D for the others (one log line). None: 1-D."""
 
 
 @dataclass

@@ -21,6 +21,9 @@ from .grid import Grid
 from .layers2d import Embedding2D, Head2D, ParallelLinear2D, RMSNorm2D
 
 _NORMS = ("RMSNorm",)  # class-name suffixes of the norms this supports (LlamaRMSNorm, Qwen2RMSNorm, ...)
+FAMILIES = frozenset({"llama", "mistral", "qwen2", "olmo2"})
+"""model_type values whose decoder layers are only q/k/v/o and gate/up/down linears (biases allowed) and
+w-scaled RMSNorms: what the 2-D layers reproduce exactly (each checked against the dense model)."""
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -36,6 +39,11 @@ def unsupported_2d(model: nn.Module, grid_shape: tuple) -> Optional[str]:
     if config is None or base is None or not hasattr(base, "layers") or not hasattr(model, "lm_head"):
         return f"2-D tensor parallelism supports Llama-style causal LMs (model.model.layers, lm_head); got " \
                f"{type(model).__name__}"
+    if getattr(config, "model_type", None) not in FAMILIES:
+        # Others of the same outline differ inside: per-head q/k norms (Qwen3), fused projections (Phi-3), a
+        # (1 + w) RMSNorm (Gemma): each needs its own 2-D form, so they are not guessed at.
+        return f"2-D tensor parallelism supports the families {sorted(FAMILIES)}; got model_type " \
+               f"{getattr(config, 'model_type', None)!r}"
     if getattr(config, "tie_word_embeddings", False):
         return f"2-D tensor parallelism: tied input and output embeddings are not supported yet " \
                f"({type(model).__name__} has tie_word_embeddings=True)"
@@ -87,41 +95,61 @@ def parallelize_llama_2d(model: nn.Module, grid: Grid) -> nn.Module:
     return model
 
 
-class _MeanOverRows(torch.autograd.Function):
-    """forward: the mean of the grid rows' losses (all-reduced over the column); backward: each rank's own loss
-    gets 1/rows of the gradient (every rank calls backward on the same mean)."""
+class _WeightedSumOverRows(torch.autograd.Function):
+    """forward: sum over the grid's rows of weight_i x loss_i (all-reduced over the column); backward: each rank's
+    own loss gets weight_i of the gradient (every rank calls backward on the same sum)."""
 
     @staticmethod
-    def forward(ctx, loss, group, rows: int):
-        ctx.rows = rows
-        return comm.all_reduce_raw(loss.detach().clone(), group) / rows
+    def forward(ctx, loss, weight: float, group):
+        ctx.weight = weight
+        return comm.all_reduce_raw((loss.detach() * weight).clone(), group)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad / ctx.rows, None, None
+        return grad * ctx.weight, None, None
+
+
+_BATCH_KEYS = ("input_ids", "inputs_embeds", "labels", "attention_mask")
 
 
 def grid_forward(model: nn.Module, args: tuple, kwargs: dict):
-    """Call a model on a grid with the TP group's batch: each grid row runs its 1/rows of the samples (every
-    batch-major tensor argument cut along dim 0; one of size 1 is broadcast and passed whole), and the output's
-    loss becomes the mean of the rows' losses, whose backward trains every rank. The logits stay the row's."""
+    """Call a model on a grid with the TP group's batch: each grid row runs its 1/rows of the samples (every tensor
+    argument of 2+ dimensions whose first is the batch; 1-D ones such as cache_position pass whole), and the loss
+    becomes the whole batch's: the rows' token means weighted by their shares of the batch's labelled tokens (so
+    padding in one row weighs as in the dense model), or their sum where the caller passes num_items_in_batch.
+    Its backward trains every rank. The logits stay the row's."""
     grid: Grid = model.autotp_grid
-    tensors = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v.dim() >= 1]
-    batch = tensors[0].shape[0] if tensors else 0
+    named = [kwargs.get(key) for key in _BATCH_KEYS] + list(args)
+    first = next((v for v in named if torch.is_tensor(v) and v.dim() >= 2), None)
+    batch = first.shape[0] if first is not None else 0
     if batch % grid.rows:
         raise ValueError(f"2-D tensor parallelism: the batch of {batch} samples does not split over the grid's "
                          f"{grid.rows} rows (train_micro_batch_size_per_gpu must be a multiple of them)")
     per_row = batch // grid.rows
+    rows = slice(grid.i * per_row, (grid.i + 1) * per_row)
 
     def cut(value):
-        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == batch and batch > 1:
-            return value[grid.i * per_row:(grid.i + 1) * per_row]
-        return value
+        return value[rows] if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == batch else value
 
     out = model(*[cut(a) for a in args], **{k: cut(v) for k, v in kwargs.items()})
-    loss = getattr(out, "loss", None)
-    if loss is not None and grid.rows > 1:
-        out.loss = _MeanOverRows.apply(loss, grid.col_group, grid.rows)
+    if grid.rows == 1:
+        return out
+    tuple_out = isinstance(out, tuple)
+    loss = (out[0] if tuple_out and kwargs.get("labels") is not None else None) if tuple_out else \
+        getattr(out, "loss", None)
+    if loss is None:
+        return out
+    labels = kwargs.get("labels")
+    if "num_items_in_batch" in kwargs or labels is None:
+        weight = 1.0 if "num_items_in_batch" in kwargs else 1.0 / grid.rows
+    else:  # HF's causal-LM loss: the mean over labels[:, 1:] that are not -100
+        valid = labels[:, 1:] != -100
+        total = int(valid.sum())
+        weight = int(valid[rows].sum()) / total if total else 1.0 / grid.rows
+    loss = _WeightedSumOverRows.apply(loss, weight, grid.col_group)
+    if tuple_out:
+        return (loss,) + tuple(out[1:])
+    out.loss = loss
     return out
 
 

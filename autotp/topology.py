@@ -56,9 +56,10 @@ def resolve_topology(model: nn.Module, raw: dict, mpu=None, device_mesh=None) ->
         warnings.warn("autotp ignores these DeepSpeed config keys: " + ", ".join(cfg.unused_keys),
                       stacklevel=3)  # points at the caller of autotp.initialize
 
-    if cfg.tensor_parallel.grid is not None and given is not None:
+    if cfg.tensor_parallel.grid is not None and (given is not None or recorded is not None):
         raise ConfigError("config key 'tensor_parallel.grid' builds its grid over the config's contiguous TP groups; "
-                          "it does not combine with device_mesh=, mpu= or a model autotp.parallelize sharded")
+                          "it does not combine with device_mesh=, mpu=, tp_model_init or a model autotp.parallelize "
+                          "sharded")
     if given is None:
         groups = resolve_groups(cfg.tensor_parallel.autotp_size,
                                 tp_group=recorded.tp_group if recorded is not None else None)

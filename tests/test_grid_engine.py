@@ -16,7 +16,8 @@ from dist_utils import run_distributed
 from families import batch, tiny_model
 
 MICRO, STEPS, SEQ = 4, 3, 10
-LLAMA = dict(vocab_size=104)  # the grid's columns split the vocabulary of the head
+LLAMA = dict(vocab_size=104, attention_bias=True, mlp_bias=True)  # the grid's columns split the head's vocabulary;
+# biases: column blocks shared by the grid's rows, their gradients summed over them
 
 
 def _micro_batches(step: int, dp: int, gas: int):
@@ -27,14 +28,16 @@ def _micro_batches(step: int, dp: int, gas: int):
 def _reference(dp: int, gas: int, clip: float):
     model = tiny_model("llama", **LLAMA)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.01)
-    norms = []
+    norms, losses = [], []
     for step in range(STEPS):
         ids = _micro_batches(step, dp, gas).reshape(-1, SEQ)
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
         optimizer.step()
         optimizer.zero_grad()
-    return model.state_dict(), norms
+    return model.state_dict(), norms, losses
 
 
 def _train_grid(rank, world, grid, gas, clip, stage):
@@ -60,14 +63,16 @@ def _train_grid(rank, world, grid, gas, clip, stage):
         norms.append(engine.get_global_grad_norm())
     with pytest.raises(autotp.config.ConfigError, match="save_checkpoint does not support 2-D"):
         engine.save_checkpoint("/nonexistent")
-    return engine.consolidated_state_dict(), norms
+    return engine.consolidated_state_dict(), norms, losses
 
 
 @pytest.mark.parametrize("world,gas,clip,stage", [(4, 1, 0.5, 0), (8, 2, 1.0, 0), (8, 1, 1.0, 1), (8, 2, 0.5, 2)])
 def test_a_grid_trains_like_one_process_on_the_global_batch(world, gas, clip, stage):
     results = run_distributed(world, _train_grid, (2, 2), gas, clip, stage)
-    want_state, want_norms = _reference(world // 4, gas, clip)
-    state, norms = results[0]
+    want_state, want_norms, want_losses = _reference(world // 4, gas, clip)
+    state, norms, losses = results[0]
+    if world == 4:  # one micro-batch a step: the engine's loss is the global batch's
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
     assert all(r[0] is None for r in results[1:])  # consolidated on global rank 0 only
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(want_norms), rtol=1e-5, atol=1e-6)
     assert set(state) == set(want_state)
@@ -152,3 +157,35 @@ def test_a_1d_save_loads_on_a_grid_and_back(tmp_path):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
     torch.testing.assert_close(losses[3], losses[2], rtol=1e-5, atol=0)
     assert losses[2] != losses[1]  # the grid trained
+
+
+def _padded(rank, world):
+    import autotp
+
+    ids = batch(seed=31, batch_size=4, seq=SEQ)
+    labels = ids.clone()
+    labels[0, 2:] = -100  # grid row 0 holds 11 labelled tokens, row 1 holds 18: unequal shares of the mean
+    labels[1, 5:] = -100
+    dense = tiny_model("llama", **LLAMA)
+    dense_loss = dense(input_ids=ids, labels=labels).loss
+    dense_loss.backward()
+    config = {"train_micro_batch_size_per_gpu": 4, "tensor_parallel": {"autotp_size": 2, "grid": [2, 1]},
+              "optimizer": {"type": "SGD", "params": {"lr": 1.0}}}
+    engine, _, _, _ = autotp.initialize(model=tiny_model("llama", **LLAMA), config=config)
+    loss = engine(input_ids=ids, labels=labels).loss
+    as_tuple = engine(input_ids=ids, labels=labels, return_dict=False)[0]
+    engine.backward(loss)
+    engine.step()
+    after = engine.consolidated_state_dict()
+    with torch.no_grad():
+        want = {name: p - 1.0 * p.grad for name, p in dense.named_parameters()}  # one SGD step, lr 1
+    return float(loss), float(as_tuple), float(dense_loss), after, want
+
+
+def test_padded_rows_weigh_as_in_the_dense_model():
+    """Rows with different numbers of labelled tokens: the engine's loss (also from a tuple output) and the SGD
+    step equal the dense model's on the whole batch, not a mean of the rows' means."""
+    loss, as_tuple, dense_loss, after, want = run_distributed(2, _padded)[0]
+    assert loss == pytest.approx(dense_loss, rel=1e-5) and as_tuple == pytest.approx(dense_loss, rel=1e-5)
+    for name, value in want.items():
+        torch.testing.assert_close(after[name], value, rtol=1e-5, atol=1e-6, msg=name)

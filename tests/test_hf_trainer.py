@@ -159,6 +159,11 @@ def test_mismatch_and_stock_trainer_errors(tmp_path):
         transformers.Trainer(model=H.tiny_model(), args=args, train_dataset=H.TokenDataset())
     with pytest.raises(ConfigError, match=r"gradient_clipping = 0.5 .* max_grad_norm = 1.0"):
         autotp.hf.Trainer(model=H.tiny_model(), args=args, train_dataset=H.TokenDataset())
+    grid = H.ds_config(1)
+    grid["tensor_parallel"]["grid"] = [1, 1]  # the Trainer calls the model itself: 2-D TP is refused, not wrong
+    args = H.training_args(str(tmp_path / "grid"), deepspeed=grid)
+    with pytest.raises(ConfigError, match=r"'tensor_parallel.grid' .* not supported through the HF Trainer"):
+        autotp.hf.Trainer(model=H.tiny_model(), args=args, train_dataset=H.TokenDataset())
 
 
 def _lora(rank, world, out, tp):

@@ -61,6 +61,9 @@ class AutoTPTrainerMixin:
         if self.args.fp16 and not cfg.fp16:  # accelerate's GradScaler cannot see the ZeRO store's gradients
             raise ConfigError("TrainingArguments.fp16 = True needs the DeepSpeed config's fp16.enabled (true or "
                               "\"auto\"): autotp trains fp16 as DeepSpeed does, with fp32 masters and its loss scale")
+        if cfg.tensor_parallel.grid is not None:  # the Trainer calls the model itself: no per-row batch or loss
+            raise ConfigError("config key 'tensor_parallel.grid' (2-D tensor parallelism) is not supported through "
+                              "the HF Trainer yet; use autotp.initialize, or 1-D tensor parallelism")
         shard_model(self.model, cfg, groups, raw)
         self._autotp_device = place_model(self.model, cfg, groups)
         self.model._is_accelerate_prepared = True  # accelerate must neither DDP-wrap nor autocast it
