@@ -147,16 +147,27 @@ def sequence_sizes(length: int, group) -> list[int]:
     return split_sizes(length, group_size(group))
 
 
+def reduce_scatter_raw(x_partial: torch.Tensor, group, dim: int, sizes: Optional[Sequence[int]] = None):
+    """Sum over `group` and keep this rank's slice along `dim` (`sizes[r]`: rank r's extent; default equal). No
+    autograd. Equal slices go through one flat reduce-scatter (a view with `dim` moved back last); uneven ones are
+    all-reduced, then sliced."""
+    world = group_size(group)
+    if world == 1:
+        return x_partial
+    sizes = list(sizes) if sizes is not None else [x_partial.shape[dim] // world] * world
+    if len(set(sizes)) == 1:
+        # the flat reduce-scatter splits dim 0: put `dim` first, contiguous.
+        moved = x_partial.movedim(dim, 0).contiguous()
+        out = moved.new_empty((sizes[0],) + tuple(moved.shape[1:]))
+        reduce_scatter_flat(out, moved, group=group)
+        return out.movedim(0, dim)
+    summed = all_reduce_raw(x_partial.clone(), group)
+    return local_slice(summed, group, sizes, dim=dim)
+
+
 def reduce_scatter_sequence_raw(x_partial: torch.Tensor, group, sizes: Sequence[int]) -> torch.Tensor:
     """Sum over `group` and keep this rank's sequence slice (no autograd)."""
-    if len(set(sizes)) == 1:
-        # the flat reduce-scatter splits dim 0: put the sequence first, contiguous.
-        seq_first = x_partial.transpose(0, SEQ_DIM).contiguous()
-        out = seq_first.new_empty((sizes[0],) + tuple(seq_first.shape[1:]))
-        reduce_scatter_flat(out, seq_first, group=group)
-        return out.transpose(0, SEQ_DIM).contiguous()
-    summed = all_reduce_raw(x_partial.clone(), group)  # uneven shards: all-reduce, then slice
-    return local_slice(summed, group, sizes, dim=SEQ_DIM)
+    return reduce_scatter_raw(x_partial, group, SEQ_DIM, sizes).contiguous()
 
 
 class _ScatterToSequence(torch.autograd.Function):

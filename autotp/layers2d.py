@@ -25,17 +25,6 @@ from . import comm
 from .grid import Grid
 
 
-def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    """Sum over `group` and keep this rank's equal block along `dim` (no autograd)."""
-    world = comm.group_size(group)
-    if world == 1:
-        return x
-    moved = x.movedim(dim, 0).contiguous()
-    out = moved.new_empty((moved.shape[0] // world,) + tuple(moved.shape[1:]))
-    comm.reduce_scatter_flat(out, moved, group=group)
-    return out.movedim(0, dim)
-
-
 class _Linear2D(torch.autograd.Function):
     """y_ij [.., N/c] = gather_row(x_ij) [.., K] @ gather_col(w_ij)^T [K, N/c] (+ b_j)."""
 
@@ -53,10 +42,10 @@ class _Linear2D(torch.autograd.Function):
         grid = ctx.grid
         dx_ij = dw_ij = db_j = None
         if ctx.needs_input_grad[0]:
-            dx_ij = _reduce_scatter(dy @ w_j, grid.row_group, dim=-1)  # partial over the row's N blocks
+            dx_ij = comm.reduce_scatter_raw(dy @ w_j, grid.row_group, dim=-1)  # partial over the row's N blocks
         if ctx.needs_input_grad[1]:
             dw_j = dy.flatten(0, -2).t() @ x_i.flatten(0, -2)  # [N/c, K], partial over the column's samples
-            dw_ij = _reduce_scatter(dw_j, grid.col_group, dim=1)
+            dw_ij = comm.reduce_scatter_raw(dw_j, grid.col_group, dim=1)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db_j = dy.flatten(0, -2).sum(0)  # summed over the column by the bias's copy_to_tp
         return dx_ij, dw_ij, db_j, None

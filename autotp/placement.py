@@ -59,7 +59,7 @@ def _shard_2d(model: nn.Module, grid_shape: tuple) -> bool:
             logger.warning("autotp: tensor_parallel.grid %s: %s; this run uses 1-D tensor parallelism over the same "
                            "%d ranks", list(grid_shape), why, grid_shape[0] * grid_shape[1])
         return False
-    model.autotp_grid = parallelize_llama_2d(model, make_grid(*grid_shape)).autotp_grid
+    parallelize_llama_2d(model, make_grid(*grid_shape))  # sets model.autotp_grid
     return True
 
 
