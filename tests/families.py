@@ -67,3 +67,29 @@ def engine_losses(engine, steps: int = 3, seed: int = 40) -> list:
         engine.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def dense_run(model, optimizer, batches, clip: float):
+    """The single-process reference the distributed runs are checked against: per batch (labels = inputs) the
+    loss, backward, clipping to `clip`, the optimizer step. Returns (state_dict, losses, grad norms)."""
+    losses, norms = [], []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.state_dict(), losses, norms
+
+
+def losses_and_scales(engine, ids, steps: int = 12) -> tuple:
+    """Train `engine` `steps` times on one batch; each step's loss (as fp32) and the loss scale after it."""
+    losses, scales = [], []
+    for _ in range(steps):
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach().float()))
+        scales.append(engine.loss_scale)
+    return losses, scales

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from families import batch, tiny_model
+from families import batch, dense_run, tiny_model
 
 MICRO = 2
 STEPS = 3
@@ -30,15 +30,9 @@ def _micro_batches(step: int, dp: int, gas: int):
 def _reference(family: str, dp: int, gas: int, clip: float, lr: float):
     model = tiny_model(family)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-3, weight_decay=0.01)
-    norms = []
-    for step in range(STEPS):
-        ids = _micro_batches(step, dp, gas).reshape(-1, 10)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.state_dict(), norms
+    state, _, norms = dense_run(model, optimizer,
+                                [_micro_batches(step, dp, gas).reshape(-1, 10) for step in range(STEPS)], clip)
+    return state, norms
 
 
 def _train_tp_dp(rank, world_size, family, tp, gas, clip, lr, use_mesh):

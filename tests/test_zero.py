@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from families import batch, tiny_model
+from families import batch, dense_run, losses_and_scales, tiny_model
 
 MICRO, STEPS, SEQ = 2, 3, 10
 CLIP, LR = 0.5, 1e-2
@@ -34,14 +34,9 @@ def _param_groups(model):
 def _reference(family: str, dp: int, gas: int, overrides: dict = None):
     model = tiny_model(family, **(overrides or {}))
     optimizer = torch.optim.AdamW(_param_groups(model), lr=LR, eps=1e-3)
-    norms = []
-    for step in range(STEPS):
-        ids = _micro_batches(step, dp, gas).reshape(-1, SEQ)
-        model(input_ids=ids, labels=ids).loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.state_dict(), norms
+    state, _, norms = dense_run(model, optimizer,
+                                [_micro_batches(step, dp, gas).reshape(-1, SEQ) for step in range(STEPS)], CLIP)
+    return state, norms
 
 
 def _train(family: str, tp: int, dp: int, stage: int, gas: int, tp_options: dict = None, overrides: dict = None):
@@ -126,13 +121,7 @@ def _overflow(rank, world_size, stage):
     engine, optimizer, _, _ = autotp.initialize(model=model, config=config)
     masters = {str(p.dtype) for g in optimizer.param_groups for p in g["params"]}
     ids = batch(seed=3 + engine.dp_rank, batch_size=2)
-    losses, scales = [], []
-    for _ in range(12):
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss.detach().float()))
-        scales.append(engine.loss_scale)
+    losses, scales = losses_and_scales(engine, ids)
     return dict(losses=losses, scales=scales, skipped=engine.skipped_steps, masters=masters,
                 dtype=str(next(engine.module.parameters()).dtype))
 

@@ -17,7 +17,7 @@ import os
 import torch
 
 from dist_utils import run_distributed
-from families import batch, tiny_model
+from families import batch, dense_run, losses_and_scales, tiny_model
 
 MICRO, STEPS, SEQ = 2, 3, 10
 CLIP, LR = 0.5, 1e-2
@@ -47,16 +47,8 @@ def _param_groups(model):
 def _reference(family: str, overrides: dict, dp: int, gas: int):
     model = tiny_model(family, **overrides)
     optimizer = torch.optim.AdamW(_param_groups(model), lr=LR, eps=1e-3)
-    losses, norms = [], []
-    for step in range(STEPS):
-        ids = _micro_batches(step, dp, gas).reshape(-1, SEQ)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(float(loss.detach()))
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.state_dict(), losses, norms
+    return dense_run(model, optimizer, [_micro_batches(step, dp, gas).reshape(-1, SEQ) for step in range(STEPS)],
+                     CLIP)
 
 
 def _exact(rank, world):
@@ -117,13 +109,7 @@ def _fp16_overflow() -> dict:
               "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}
     engine, optimizer, _, _ = autotp.initialize(model=tiny_model("llama"), config=config)
     ids = batch(seed=3 + engine.dp_rank, batch_size=2)
-    losses, scales = [], []
-    for _ in range(12):
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss.detach().float()))
-        scales.append(engine.loss_scale)
+    losses, scales = losses_and_scales(engine, ids)
     return dict(losses=losses, scales=scales, skipped=engine.skipped_steps,
                 whole={p.dtype for p in engine.module.parameters() if not isinstance(p, DTensor)},
                 masters={p.dtype for g in optimizer.param_groups for p in g["params"]})
