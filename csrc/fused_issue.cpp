@@ -81,17 +81,14 @@ void copy(cudaStream_t stream, uint64_t dst, uint64_t src, uint64_t bytes) {
 ReduceIssuer::ReduceIssuer(std::vector<IssueStep> steps, std::vector<IssuePiece> pieces, at::Tensor slots,
                            bool scatter, int64_t me, int64_t pusher, int64_t reducer, int64_t collector, int programs)
     : steps_(std::move(steps)), pieces_(std::move(pieces)), slots_(std::move(slots)), scatter_(scatter),
-      pushes_(false), me_(me), pusher_(reinterpret_cast<cudaStream_t>(pusher)),
+      me_(me), pusher_(reinterpret_cast<cudaStream_t>(pusher)),
       reducer_(reinterpret_cast<cudaStream_t>(reducer)), collector_(reinterpret_cast<cudaStream_t>(collector)),
       programs_(programs) {
   driver();  // fail here, not inside the first op
   c10::DeviceGuard guard(slots_.device());
   start_ = new_event();
-  pushed_ = new_event();
-  collected_ = new_event();
   for (const auto& step : steps_) {
     gemm_done_.push_back(new_event());
-    pushes_ = pushes_ || !step.copies.empty();
     if (step.piece < 0 || step.piece >= static_cast<int64_t>(pieces_.size()))
       throw std::invalid_argument("autotp fused: a step names piece " + std::to_string(step.piece));
   }
@@ -99,8 +96,7 @@ ReduceIssuer::ReduceIssuer(std::vector<IssueStep> steps, std::vector<IssuePiece>
 }
 
 ReduceIssuer::~ReduceIssuer() {
-  for (cudaEvent_t event : {start_, pushed_, collected_})
-    if (event != nullptr) cudaEventDestroy(event);
+  if (start_ != nullptr) cudaEventDestroy(start_);
   for (cudaEvent_t event : gemm_done_) cudaEventDestroy(event);
   for (cudaEvent_t event : own_done_) cudaEventDestroy(event);
 }
@@ -155,9 +151,7 @@ void ReduceIssuer::run(const std::vector<at::Tensor>& a, const std::vector<at::T
       for (uint64_t addr : piece.rdone_waits) wait_flag(collector_, addr, epoch);
       for (const ByteCopy& c : piece.collect) copy(collector_, base + c.dst, c.src, c.bytes);
     }
-    order(collected_, collector_, reducer_);
   }
-  if (pushes_) order(pushed_, pusher_, reducer_);
 }
 
 GatherIssuer::GatherIssuer(int64_t me, std::vector<uint64_t> data, std::vector<uint64_t> signal,

@@ -54,8 +54,8 @@ class ReduceIssuer {
   ReduceIssuer& operator=(const ReduceIssuer&) = delete;
 
   // Issue the op for operand pairs (a[i] [SEG, S, K], b[i] [K, N]) into `out`, flags at value `epoch`, the
-  // GEMMs on `compute` (the current torch stream). Ends with every side stream joined into the reducer stream:
-  // the caller records its completion event there.
+  // GEMMs on `compute` (the current torch stream). The caller joins the side streams it used (push, reduce,
+  // collect) and records the op's completion after them (fused._finish, the same join as for the Python path).
   void run(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, const at::Tensor& out,
            int64_t epoch, int64_t compute);
 
@@ -63,11 +63,11 @@ class ReduceIssuer {
   std::vector<IssueStep> steps_;
   std::vector<IssuePiece> pieces_;
   at::Tensor slots_;
-  bool scatter_, pushes_;
+  bool scatter_;
   int64_t me_;
   cudaStream_t pusher_, reducer_, collector_;
   int programs_;
-  cudaEvent_t start_ = nullptr, pushed_ = nullptr, collected_ = nullptr;
+  cudaEvent_t start_ = nullptr;
   std::vector<cudaEvent_t> gemm_done_, own_done_;
 };
 
