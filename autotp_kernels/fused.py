@@ -281,10 +281,10 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     # Accumulating into a peer's memory would read it back over NVLink: several products go through the stage.
     push = "copy" if len(pairs) > 1 else TUNING.push
     world = dist.get_world_size(group)
-    ws = symm.workspace(group, a0.device, reduce_bytes(seg, S, N, world, a0.element_size(), push))
-    me = ws.rank
     if scatter and S % world:
         raise ValueError(f"fused reduce-scatter: sequence {S} is not divisible by {world} ranks")
+    ws = symm.workspace(group, a0.device, reduce_bytes(seg, S, N, world, a0.element_size(), push))
+    me = ws.rank
     epoch = ws.next_epoch()
     m_lo, m_hi = owner_range(me, S, world)
     out = torch.empty((seg, m_hi - m_lo if scatter else S, N), dtype=a0.dtype, device=a0.device)
@@ -294,17 +294,14 @@ def matmul_reduce(pairs, group, scatter: bool = False, gemm: str = "cublas", def
     plan = _cached(ws, key, lambda: _reduce_plan(ws, seg, S, N, a0.dtype, scatter, pieces, epoch, push))
     compute = torch.cuda.current_stream(a0.device).cuda_stream
     native = _native() if gemm == "cublas" and TUNING.wait == "stream" and TUNING.native else None
-    if native is not None:
-        try:
+    try:
+        if native is not None:
             if plan.issuer is None:
                 plan.issuer = _issuer(native, ws, plan, pieces, scatter)
             plan.issuer.run([a for a, _ in pairs], [b for _, b in pairs], out, epoch, compute)
-        finally:  # even an op that failed half-issued is joined before the next one (its peers time out)
-            _finish(ws, _side_streams(ws, plan, scatter), keep=[out], defer_join=defer_join, pieces=pieces)
-        return out if scatter else out.view(*shape[:2], N)
-    try:
-        _issue_python(ws, plan, pairs, out, epoch, compute, pieces, scatter, gemm)
-    finally:
+        else:
+            _issue_python(ws, plan, pairs, out, epoch, compute, pieces, scatter, gemm)
+    finally:  # even an op that failed half-issued is joined before the next one (its peers time out)
         _finish(ws, _side_streams(ws, plan, scatter), keep=[out], defer_join=defer_join, pieces=pieces)
     return out if scatter else out.view(*shape[:2], N)
 
@@ -445,52 +442,57 @@ def all_gather_matmul(x_shard: torch.Tensor, weights, group, gemm: str = "cublas
           for b in weights]
     handle, copy = compute.cuda_stream, ws.copy_stream.cuda_stream
     native = _native() if gemm == "cublas" and TUNING.native else None
-    if native is not None:
-        try:
+    try:
+        if native is not None:
             issuer = _cached(ws, ("gather", epoch % 2), lambda: native.GatherIssuer(
                 me, [ws.data_ptr(q, epoch) for q in range(world)],
                 [0 if q == me else ws.flag_addr(q, shard_index(me)) for q in range(world)],
                 [0 if q == me else ws.flag_addr(me, shard_index(q)) for q in range(world)], copy,
                 x_shard.device.index))
             issuer.run(x_shard, x_full, list(weights), ys, epoch, handle)
-        finally:  # even an op that failed half-issued is joined before the next one
-            _finish(ws, [ws.copy_stream], keep=[x_full], defer_join=False)
-        return x_full, ys
-    try:
-        ws.data_view(me, epoch, (seg, s_own, K), x_shard.dtype).copy_(x_shard)
-        for q in range(world):
-            if q != me:
-                cuda_driver.write_value(handle, ws.flag_addr(q, shard_index(me)), epoch)
-        x_full[:, me * s_own:(me + 1) * s_own].copy_(x_shard)
-        start = ws.events("start", 1)[0]
-        start.record(handle)  # the shard is in the buffer and x_full allocated
-        start.wait(copy)
-
-        def multiply(src):
-            rows = slice(src * s_own, (src + 1) * s_own)
-            for s in range(seg):
-                for y, b in zip(ys, weights):
-                    _mm(x_full[s, rows], b, y[s, rows], False, gemm)
-
-        multiply(me)
-        arrived = ws.events("arrived", world)
-        shard_bytes = s_own * K * elem
-        # Rank-shifted order: at step i every rank reads a different peer, spreading the links' load; one stream,
-        # so the shard the GEMM needs next arrives first.
-        for i in range(1, world):
-            src = (me + i) % world
-            cuda_driver.wait_value(copy, ws.flag_addr(me, shard_index(src)), epoch)
-            for s in range(seg):
-                cuda_driver.copy(copy, x_full[s, src * s_own].data_ptr() if s_own else 0,
-                                 ws.data_ptr(src, epoch) + s * shard_bytes, shard_bytes)
-            arrived[src].record(copy)
-        for i in range(1, world):
-            src = (me + i) % world
-            arrived[src].wait(handle)
-            multiply(src)
+        else:
+            _gather_python(ws, x_shard, x_full, ys, weights, epoch, handle, copy, gemm)
     finally:
         _finish(ws, [ws.copy_stream], keep=[x_full], defer_join=False)
     return x_full, ys
+
+
+def _gather_python(ws, x_shard, x_full, ys, weights, epoch: int, handle: int, copy: int, gemm: str) -> None:
+    """The Python host path of `all_gather_matmul` (the C++ one, `GatherIssuer`, issues the same work)."""
+    world, me = ws.world, ws.rank
+    seg, s_own, K = x_shard.shape
+    elem = x_shard.element_size()
+    ws.data_view(me, epoch, (seg, s_own, K), x_shard.dtype).copy_(x_shard)
+    for q in range(world):
+        if q != me:
+            cuda_driver.write_value(handle, ws.flag_addr(q, shard_index(me)), epoch)
+    x_full[:, me * s_own:(me + 1) * s_own].copy_(x_shard)
+    start = ws.events("start", 1)[0]
+    start.record(handle)  # the shard is in the buffer and x_full allocated
+    start.wait(copy)
+
+    def multiply(src):
+        rows = slice(src * s_own, (src + 1) * s_own)
+        for s in range(seg):
+            for y, b in zip(ys, weights):
+                _mm(x_full[s, rows], b, y[s, rows], False, gemm)
+
+    multiply(me)
+    arrived = ws.events("arrived", world)
+    shard_bytes = s_own * K * elem
+    # Rank-shifted order: at step i every rank reads a different peer, spreading the links' load; one stream,
+    # so the shard the GEMM needs next arrives first.
+    for i in range(1, world):
+        src = (me + i) % world
+        cuda_driver.wait_value(copy, ws.flag_addr(me, shard_index(src)), epoch)
+        for s in range(seg):
+            cuda_driver.copy(copy, x_full[s, src * s_own].data_ptr() if s_own else 0,
+                             ws.data_ptr(src, epoch) + s * shard_bytes, shard_bytes)
+        arrived[src].record(copy)
+    for i in range(1, world):
+        src = (me + i) % world
+        arrived[src].wait(handle)
+        multiply(src)
 
 
 def join(group, device: torch.device) -> None:
