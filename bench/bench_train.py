@@ -287,6 +287,12 @@ def _write_profile(args, profiler, step_s: float, rank: int) -> None:
                      f"{args.sequence_parallel}), {step_s * 1e3:.1f} ms, rank 0, {torch.cuda.get_device_name()}, "
                      f"torch {torch.__version__}, {datetime.date.today().isoformat()}:\n\n{format_table(rows)}\n\n"
                      f"Kernels with the most GPU time:\n\n{format_top(top_kernels(kernels))}\n")
+    # Every kernel, not only the top ones: two providers' steps are compared kernel by kernel from these.
+    with open(os.path.splitext(args.profile)[0] + "_kernels.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["kernel", "calls", "ms", "category"])
+        for kernel in top_kernels(kernels, count=None, width=None):
+            writer.writerow([kernel["kernel"], kernel["calls"], kernel["ms"], kernel["category"]])
     print("PROFILE\n" + format_table(rows), flush=True)
 
 

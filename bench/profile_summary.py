@@ -80,14 +80,15 @@ def summarise(kernels, step_us: float) -> list[dict]:
     return rows
 
 
-def top_kernels(kernels, count: int = 15) -> list[dict]:
-    """The `count` kernels with the most summed time: name (cut to 90 characters), calls, ms, category."""
+def top_kernels(kernels, count: int | None = 15, width: int | None = 90) -> list[dict]:
+    """The `count` kernels (None: all) with the most summed time: name (cut to `width` characters; None: whole),
+    calls, ms, category."""
     by_name: dict = {}
     for name, start, end in kernels:
         calls, busy = by_name.get(name, (0, 0.0))
         by_name[name] = (calls + 1, busy + end - start)
     ranked = sorted(by_name.items(), key=lambda item: -item[1][1])[:count]
-    return [{"kernel": name[:90], "calls": calls, "ms": round(busy / 1e3, 3), "category": category(name)}
+    return [{"kernel": name[:width], "calls": calls, "ms": round(busy / 1e3, 3), "category": category(name)}
             for name, (calls, busy) in ranked]
 
 

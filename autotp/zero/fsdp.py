@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from ..shard import layout_of, mark_sharded
 from .dp_shards import GATHER_DTYPE_ATTR, dp_mesh, dp_rows
 from .fsdp_units import move_tp_grad_hooks, plan_units
-from .norm import count_once_weights, weighted_sumsq
+from .norm import count_once_weights, sumsq_of
 from .replicated import all_reduce_mean
 
 
@@ -183,7 +183,7 @@ class FullyShardedState:
         """This rank's share of the squared global norm: sharded rows are disjoint over DP and counted once over
         TP (`count_once_weights`, cut to this rank's rows); a persistent gradient, the same on every DP rank
         after `reduce`, counts on DP rank 0 only."""
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        pairs = []
         dp_rank = self.mesh.get_local_rank()
         for index, name in enumerate(self.names):
             trained = self._trained(index)
@@ -197,8 +197,8 @@ class FullyShardedState:
                 start, length = dp_rows(self.params[index])
                 per_row = grad[0].numel() if grad.ndim else 1
                 weight = weight[start * per_row:(start + length) * per_row]
-            total = total + weighted_sumsq(grad, weight)
-        return total
+            pairs.append((grad, weight))
+        return sumsq_of(pairs, self.device)
 
     def after_step(self) -> None:
         """The sharded parameters are the masters the optimizer updated (FSDP2 all-gathers them at the next

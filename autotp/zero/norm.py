@@ -8,7 +8,7 @@ of a TP group then gives each value exactly once.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Iterable, Union
 
 import torch
 import torch.nn as nn
@@ -42,3 +42,21 @@ def weighted_sumsq(grad: torch.Tensor, weight: Union[float, torch.Tensor]) -> to
     if isinstance(weight, float):
         return g.pow(2).sum() * weight
     return (g.pow(2) * weight).sum()
+
+
+def sumsq_of(pairs: Iterable[tuple[torch.Tensor, Union[float, torch.Tensor]]], device: torch.device) -> torch.Tensor:
+    """Sum of `weight * grad**2` over (grad, weight) pairs, in fp32. Gradients with a scalar weight are grouped by
+    it and normed by `torch._foreach_norm`, a few multi-tensor kernels per group: a pow and a sum kernel per
+    gradient cost 9.5 ms of a 182 ms Llama-3-8B-shape stage-3 step against 3-4 ms for the FSDP2 peer's foreach
+    norm (bench/results/profile_zero3_dp1_*). Squaring an fp32 norm adds one rounding. Zero weights are skipped."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    by_weight: dict[float, list[torch.Tensor]] = {}
+    for grad, weight in pairs:
+        if not isinstance(weight, float):
+            total = total + weighted_sumsq(grad, weight)
+        elif weight != 0.0:
+            by_weight.setdefault(weight, []).append(grad.detach())
+    for weight, grads in by_weight.items():
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        total = total + torch.stack(norms).square().sum() * weight
+    return total

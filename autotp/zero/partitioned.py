@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .backend import make_backend
 from .buckets import Bucket, make_tracker, plan
-from .norm import count_once_weights, weighted_sumsq
+from .norm import count_once_weights, sumsq_of
 
 
 class PartitionedState:
@@ -232,11 +232,9 @@ class PartitionedState:
     def sumsq(self) -> torch.Tensor:
         """This rank's share of the squared global norm: partitions are disjoint over DP, shards counted once
         over TP, padding is zero."""
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for master, pieces in zip(self.masters, self._norm_weights):
-            for start, length, weight in pieces:
-                total = total + weighted_sumsq(master.grad[start:start + length], weight)
-        return total
+        return sumsq_of(((master.grad[start:start + length], weight)
+                         for master, pieces in zip(self.masters, self._norm_weights)
+                         for start, length, weight in pieces), self.device)
 
     def after_step(self) -> None:
         """Write updated master slices into the flat parameters and all-gather them over DP."""

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .norm import count_once_weights, weighted_sumsq
+from .norm import count_once_weights, sumsq_of
 
 
 def all_reduce_mean(grads: list[torch.Tensor], group, size: int, bucket_size: int) -> None:
@@ -94,13 +94,11 @@ class ReplicatedState:
     def sumsq(self) -> torch.Tensor:
         """This rank's share of the squared global norm; the sum over all ranks is the whole. DP replicas hold
         the same gradient after the all-reduce, so only DP rank 0 contributes."""
-        total = torch.zeros((), dtype=torch.float32, device=self.params[0].device if self.params else "cpu")
+        device = self.params[0].device if self.params else torch.device("cpu")
         if self.groups.dp_rank != 0:
-            return total
-        for param, weight in zip(self.trained, self._weights):
-            if param.grad is not None:
-                total = total + weighted_sumsq(param.grad, weight)
-        return total
+            return torch.zeros((), dtype=torch.float32, device=device)
+        return sumsq_of(((param.grad, weight) for param, weight in zip(self.trained, self._weights)
+                         if param.grad is not None), device)
 
     def after_step(self) -> None:
         if self.masters is not None:
