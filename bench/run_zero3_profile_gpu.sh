@@ -4,7 +4,7 @@
 # tokens/s on one GPU), so NPROC=1 runs on the one-GPU kind. VERSIONS names `git archive`s under
 # .bench_versions/<name> (carried, git-ignored; "tree" is the working tree). Two rounds of unprofiled rows
 # alternating the versions and FSDP2, so each ratio has its noise beside it; then one profiled step of the last
-# version and of FSDP2 (bench_train.py --profile writes <name>.md and <name>_kernels.csv).
+# version and of FSDP2 (bench_train.py --profile writes <name>.md and <name>_kernels.csv; PROFILE=0: none).
 # Llama-3-8B shape, 8 layers, seq 4096, micro-batch 1, bf16 compute, fp32 masters, clipping.
 set -u
 RES=${OUT:-/tmp/zero3_profile_out}
@@ -27,6 +27,7 @@ for round in 1 2; do
   row "fsdp2_$round" tree --provider fsdp2
 done
 last=${VERSIONS##* }
+[ "${PROFILE:-1}" = 0 ] && { PYTHONPATH=$PWD python3 bench/print_csv.py "$CSV" provider version dp zero step_s host_s tokens_per_s_per_gpu peak_mem_gb first_losses; exit 0; }
 row autotp_prof "$last" --provider autotp --profile "$RES/profile_zero3_dp${N}_autotp.md"
 row fsdp2_prof tree --provider fsdp2 --profile "$RES/profile_zero3_dp${N}_fsdp2.md"
 PYTHONPATH=$PWD python3 bench/print_csv.py "$CSV" provider version dp zero step_s host_s tokens_per_s_per_gpu peak_mem_gb first_losses

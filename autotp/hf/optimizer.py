@@ -3,8 +3,8 @@
 The Trainer drives a step as `_clip_grad_norm` (or `_get_grad_norm`), `optimizer.step()`, `lr_scheduler.step()`,
 `model.zero_grad()`. Gradients do not live in `param.grad` under autotp: the ZeRO store reduces them over DP into
 fp32 buckets and masters. So the norm and the clipping run on the store (`prepare`: step.py's reduction, norm over
-TP x DP, clip), and `step` finishes the engine's boundary step (optimizer step, weights back to the model,
-gradients dropped). The learning-rate scheduler sees the real optimizer's `param_groups`.
+TP x DP, clip; a fused optimizer clips inside its step), and `step` finishes the engine's boundary step (optimizer
+step, weights back to the model, gradients dropped). The learning-rate scheduler sees the real optimizer's `param_groups`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..step import prepare_grads
+from ..step import prepare_grads, step_with_scale
 
 
 class StoreOptimizer(torch.optim.Optimizer):
@@ -26,6 +26,7 @@ class StoreOptimizer(torch.optim.Optimizer):
         self.loss_scaler = loss_scaler  # fp16: unscale, or skip the step on overflow (every rank alike)
         self.skipped = False
         self._norm: Optional[torch.Tensor] = None
+        self._grad_scale: Optional[torch.Tensor] = None  # the clipping a fused optimizer applies in its step
         self._prepared = False
 
     # torch's Optimizer surface, forwarded (LR schedulers write `param_groups[i]["lr"]`)
@@ -55,8 +56,8 @@ class StoreOptimizer(torch.optim.Optimizer):
         """Reduce over DP, (fp16) unscale, take the global norm, clip by `max_norm` when `clip`. Once per step;
         returns the norm before clipping (a device tensor), or None when fp16 overflowed and the step is skipped."""
         if not self._prepared:
-            step, self._norm = prepare_grads(self.store, self.loss_scaler, self.max_norm if clip else 0.0,
-                                             self.device)
+            step, self._norm, self._grad_scale = prepare_grads(
+                self.store, self.loss_scaler, self.max_norm if clip else 0.0, self.device, self.optimizer)
             self.skipped, self._prepared = not step, True
         return self._norm
 
@@ -65,11 +66,13 @@ class StoreOptimizer(torch.optim.Optimizer):
             raise ValueError("autotp's Trainer optimizer takes no closure: the loss comes from the training step")
         self.prepare(clip=False)
         if not self.skipped:
-            self.optimizer.step()
+            step_with_scale(self.optimizer, self._grad_scale)
             self.store.after_step()
+        self._grad_scale = None
         self.store.zero_grad()
         self._prepared = False
 
     def zero_grad(self, set_to_none: bool = True):
         self.store.zero_grad()
+        self._grad_scale = None
         self._prepared = False
