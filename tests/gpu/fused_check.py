@@ -1,6 +1,8 @@
 """GPU check of the fused GEMM + collective kernels (not collected by CI: it needs CUDA and 2+ GPUs).
 
     torchrun --standalone --nproc_per_node=4 tests/gpu/fused_check.py [all|kernels|training]
+    torchrun --standalone --nproc_per_node=1 tests/gpu/fused_check.py native   # one GPU: the C++ build and
+                                                                              # its slot reduction only
 
 Tolerance, argued from torch's own error: every path rounds each rank's partial GEMM to the working precision;
 cuBLAS then NCCL also rounds each of the ring's W-1 partial sums, while the fused kernel sums in fp32 and
@@ -238,6 +240,12 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     group = dist.group.WORLD
+    if only == "native":
+        check_native_reduction()
+        if rank == 0:
+            print("ALL OK" if all(RESULTS) else "SOME FAILED", flush=True)
+        dist.destroy_process_group()
+        return
     if only in ("all", "kernels"):
         check_kernels(group, world)
     if only in ("all", "training"):
