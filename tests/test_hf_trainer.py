@@ -64,10 +64,16 @@ def _compare(ref, got):
         torch.testing.assert_close(got[1][name], value, rtol=0, atol=WEIGHT_ATOL, msg=name)
 
 
-@pytest.mark.parametrize("world,tp,stage", [(2, 2, 0), (4, 2, 1), (4, 2, 3)])
-def test_trainer_matches_dense(tmp_path, world, tp, stage):
-    ref = run_distributed(1, _dense, str(tmp_path / "dense"), {}, False)[0]
-    got = run_distributed(world, _autotp, str(tmp_path / "tp"), tp, stage, {}, False, None)
+# The last case trains with torch's fused AdamW and a norm limit every step exceeds: autotp clips inside the fused
+# step (`step.takes_grad_scale`), the dense Trainer with clip_grad_norm_.
+FUSED_CLIPPED = {"optim": "adamw_torch_fused", "max_grad_norm": 0.05}
+
+
+@pytest.mark.parametrize("world,tp,stage,overrides", [(2, 2, 0, {}), (4, 2, 1, {}), (4, 2, 3, {}),
+                                                      (2, 2, 1, FUSED_CLIPPED)])
+def test_trainer_matches_dense(tmp_path, world, tp, stage, overrides):
+    ref = run_distributed(1, _dense, str(tmp_path / "dense"), overrides, False)[0]
+    got = run_distributed(world, _autotp, str(tmp_path / "tp"), tp, stage, overrides, False, None)
     _compare(ref, got[0])
     assert got[0][3] == 4  # total train batch: micro x accumulation x DP, not x world (DeepSpeed #7298)
 
