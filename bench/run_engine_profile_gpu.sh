@@ -4,7 +4,7 @@
 # one-GPU step (`--provider single`), kernel by kernel: everything but the TP collectives is in both, at twice
 # TP=2's per-GPU sizes. VERSIONS (git archives under .bench_versions/<name>, "tree" = the working tree) run in
 # two rounds alternating with the single row; then one profiled step of the last version and of single
-# (<name>.md and <name>_kernels.csv). Llama-3-8B shape, 8 layers, seq 4096, micro-batch 1, bf16.
+# (<name>.md and <name>_kernels.csv; PROFILE=0: none; SINGLE=0: no single rows). Llama-3-8B shape, 8 layers, seq 4096, micro-batch 1, bf16.
 set -u
 RES=${OUT:-/tmp/engine_profile_out}
 VERSIONS=${VERSIONS:-tree}
@@ -24,10 +24,11 @@ row() {  # label, version, bench_train arguments
     || { echo "FAILED $label"; grep -v -i warn "/tmp/log_$label.txt" | tail -3; }
 }
 for round in 1 2; do
-  row "single_$round" tree --provider single
+  [ "${SINGLE:-1}" = 1 ] && row "single_$round" tree --provider single
   for v in $VERSIONS; do row "autotp_${v}_$round" "$v" --provider autotp --tp 1 --zero 1; done
 done
 last=${VERSIONS##* }
+[ "${PROFILE:-1}" = 0 ] && { PYTHONPATH=$PWD python3 bench/print_csv.py "$CSV" provider version tp zero step_s host_s tokens_per_s_per_gpu peak_mem_gb first_losses; exit 0; }
 row autotp_prof "$last" --provider autotp --tp 1 --zero 1 --profile "$RES/profile_tp1_autotp.md"
 row single_prof tree --provider single --profile "$RES/profile_tp1_single.md"
 PYTHONPATH=$PWD python3 bench/print_csv.py "$CSV" provider version tp zero step_s host_s tokens_per_s_per_gpu peak_mem_gb first_losses
