@@ -5,14 +5,17 @@
 #          paths, bit-identical across ranks and runs, a missing rank raises);
 #   2d     issue 23: bench/bench_2d.py, 1-D TP=GPUS against each r x c grid of GPUS ranks on Llama-3-8B's MLP;
 #   zero3  issue 22: autotp stage 3 against PyTorch FSDP2 at DP=GPUS, two rounds alternating (Llama-3-8B shape,
-#          8 layers, seq 4096), same rows as train_zero3.csv.
+#          8 layers, seq 4096), same rows as train_zero3.csv;
+#   levers the 2026-12-01 step levers (foreach clipping norm, clipping in the fused step, Triton widening; measured
+#          on one GPU only) at TP=GPUS ZeRO-1: the one-GPU row, then `base` (a `git archive` of aa0853f's
+#          autotp/ and autotp_kernels/ under .bench_versions/base, carried) against the tree, two rounds.
 # STAGES picks (default all). Logs go into logs.tgz; a short table last.
 set -u
 RES=${OUT:-/tmp/open_issues_out}
 mkdir -p "$RES"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 AUTOTP_FUSED_TIMEOUT_S=${AUTOTP_FUSED_TIMEOUT_S:-60}
 GPUS=${GPUS:-2}
-STAGES=" ${STAGES:-fused 2d zero3} "
+STAGES=" ${STAGES:-fused 2d zero3 levers} "
 LOGS=/tmp/open_issues_logs
 mkdir -p $LOGS
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
@@ -38,6 +41,23 @@ if [[ $STAGES == *" zero3 "* ]]; then
     done
   done
   python3 bench/print_csv.py "$CSV" provider dp zero step_s host_s tokens_per_s_per_gpu peak_mem_gb first_losses
+fi
+if [[ $STAGES == *" levers "* ]]; then
+  CSV="$RES/train_levers_tp$GPUS.csv"
+  [ -d .bench_versions/base ] && PYTHONPATH=$PWD/.bench_versions/base python3 -c \
+    "from autotp import _ext; _ext.load('planner'); print('base: planner built')" 2>&1 | tail -1
+  timeout ${TRAIN_S:-100} torchrun --standalone --nproc_per_node=1 bench/bench_train.py --provider single --steps 10 \
+    --warmup 3 --csv "$CSV" > $LOGS/levers_single.txt 2>&1 || echo "FAILED single"
+  for round in 1 2; do
+    for v in base tree; do
+      path=$PWD; [ $v = base ] && path=$PWD/.bench_versions/base:$PWD
+      [ $v = base ] && [ ! -d .bench_versions/base ] && { echo "no .bench_versions/base carried"; continue; }
+      PYTHONPATH=$path AUTOTP_BENCH_VERSION=$v timeout ${TRAIN_S:-100} torchrun --standalone --nproc_per_node=$GPUS \
+        bench/bench_train.py --provider autotp --tp $GPUS --zero 1 --vocab-parallel --steps 10 --warmup 3 --csv "$CSV" \
+        > $LOGS/levers_${v}_$round.txt 2>&1 || { echo "FAILED levers $v"; grep -v -i warn $LOGS/levers_${v}_$round.txt | tail -3; }
+    done
+  done
+  python3 bench/print_csv.py "$CSV" provider version tp zero step_s host_s tokens_per_s_per_gpu peak_mem_gb first_losses
 fi
 (cd $LOGS && tar czf "$RES/logs.tgz" *.txt)
 exit 0
