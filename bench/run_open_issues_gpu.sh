@@ -9,7 +9,8 @@
 #   levers the 2026-12-01 step levers (foreach clipping norm, clipping in the fused step, Triton widening; measured
 #          on one GPU only) at TP=GPUS ZeRO-1: the one-GPU row, then `base` (a `git archive` of aa0853f's
 #          autotp/ and autotp_kernels/ under .bench_versions/base, carried) against the tree, two rounds.
-# STAGES picks (default all). Logs go into logs.tgz; a short table last.
+# STAGES picks (default all; all four take ~11 min, over one call's 10: run STAGES="fused 2d", then
+# STAGES="zero3 levers" on the warm machine). Logs go into logs.tgz; a short table last.
 set -u
 RES=${OUT:-/tmp/open_issues_out}
 mkdir -p "$RES"
