@@ -4,7 +4,7 @@
   2. fp16: overflow check over every rank (DP x TP) so all skip together; unscale (`LossScaler.unscale_or_skip`);
   3. global L2 norm over DP x TP: a TP-sharded tensor counts once per distinct shard (replicated KV pieces
      once), a replicated tensor once (from TP rank 0); clip by it: inside a fused torch optimizer's step
-     (`fused_clip_scale`), else by one multi-tensor multiply;
+     (`takes_grad_scale`, `step_with_scale`), else by one multi-tensor multiply;
   4. optimizer step on fp32 master weights (or fp32 parameters); the store copies or all-gathers them back;
      the LR scheduler steps.
 Nothing here reads a device value on the host (the fp16 overflow flag aside), so a bf16/fp32 step never waits
@@ -78,7 +78,11 @@ def prepare_grads(store, loss_scaler, max_norm: float, device: torch.device,
         return False, None, None
     norm = global_grad_norm(store)
     if max_norm > 0 and grads and takes_grad_scale(optimizer):
-        return True, norm, clip_coef(norm, max_norm).reciprocal()
+        # 1 / clip_coef without its rounding: max(1, (norm + 1e-6) / max_norm); 1 for a non-finite norm. (A norm
+        # within a factor max_norm of fp32's largest value gives inf here, a zero update instead of a ~1e-38
+        # one: training has diverged by then either way.)
+        scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)
+        return True, norm, torch.where(torch.isfinite(norm), scale, torch.ones_like(scale))
     clip_grads_(grads, norm, max_norm)
     return True, norm, None
 

@@ -1,6 +1,6 @@
 """`zero.norm.sumsq_of`, the squared-norm sum every ZeRO store's clipping reads, against the per-tensor sum it
 replaced: scalar weights grouped through `torch._foreach_norm`, per-element (KV replica) weights, zero weights,
-bf16 and empty gradients."""
+bf16, fp64 and empty gradients."""
 
 import torch
 
@@ -24,6 +24,7 @@ def test_sumsq_of_matches_the_per_tensor_sum_for_every_kind_of_weight():
         (torch.randn(9, generator=gen) * 1e3, 0.0),  # TP rank != 0's replica: must not count
         (torch.zeros(0), 1.0),  # a DP rank holding no rows of a stage-3 shard
         (torch.randn(4, 6, generator=gen), torch.tensor([0.5] * 12 + [1.0] * 12)),  # KV replicas
+        (torch.randn(6, generator=gen, dtype=torch.float64), 1.0),  # an fp64 model's gradient
     ]
     got = float(sumsq_of(pairs, torch.device("cpu")))
     # fp32 accumulation over ~2,100 values of order 1 against a float64 sum: a few ulps of the total (~1e-7).

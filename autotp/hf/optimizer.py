@@ -54,7 +54,10 @@ class StoreOptimizer(torch.optim.Optimizer):
     # the step
     def prepare(self, clip: bool) -> Optional[torch.Tensor]:
         """Reduce over DP, (fp16) unscale, take the global norm, clip by `max_norm` when `clip`. Once per step;
-        returns the norm before clipping (a device tensor), or None when fp16 overflowed and the step is skipped."""
+        returns the norm before clipping (a device tensor), or None when fp16 overflowed and the step is skipped.
+        With a fused torch optimizer the clipping is applied inside its `step` (`step.takes_grad_scale`), so the
+        store's gradients read between the two are the unclipped ones, as under DeepSpeed, which clips in its
+        engine's step."""
         if not self._prepared:
             step, self._norm, self._grad_scale = prepare_grads(
                 self.store, self.loss_scaler, self.max_norm if clip else 0.0, self.device, self.optimizer)
