@@ -8,7 +8,9 @@
 #          8 layers, seq 4096), same rows as train_zero3.csv;
 #   levers the 2026-12-01 step levers (foreach clipping norm, clipping in the fused step, Triton widening; measured
 #          on one GPU only) at TP=GPUS ZeRO-1: the one-GPU row, then `base` (a `git archive` of aa0853f's
-#          autotp/ and autotp_kernels/ under .bench_versions/base, carried) against the tree, two rounds.
+#          autotp/ and autotp_kernels/ under .bench_versions/base, carried) against the tree, two rounds;
+#          LEVER_VERSIONS="base norm fold tree" (archives of 2002a26 and 4988621 as norm and fold) gives each
+#          lever its own delta at TP=GPUS.
 # STAGES picks (default all; all four take ~11 min, over one call's 10: run STAGES="fused 2d", then
 # STAGES="zero3 levers" on the warm machine). Logs go into logs.tgz; a short table last.
 set -u
@@ -45,14 +47,16 @@ if [[ $STAGES == *" zero3 "* ]]; then
 fi
 if [[ $STAGES == *" levers "* ]]; then
   CSV="$RES/train_levers_tp$GPUS.csv"
-  [ -d .bench_versions/base ] && PYTHONPATH=$PWD/.bench_versions/base python3 -c \
-    "from autotp import _ext; _ext.load('planner'); print('base: planner built')" 2>&1 | tail -1
+  for v in ${LEVER_VERSIONS:-base tree}; do
+    [ -d .bench_versions/$v ] && PYTHONPATH=$PWD/.bench_versions/$v python3 -c \
+      "from autotp import _ext; _ext.load('planner'); print('$v: planner built')" 2>&1 | tail -1
+  done
   timeout ${TRAIN_S:-100} torchrun --standalone --nproc_per_node=1 bench/bench_train.py --provider single --steps 10 \
     --warmup 3 --csv "$CSV" > $LOGS/levers_single.txt 2>&1 || echo "FAILED single"
   for round in 1 2; do
-    for v in base tree; do
-      path=$PWD; [ $v = base ] && path=$PWD/.bench_versions/base:$PWD
-      [ $v = base ] && [ ! -d .bench_versions/base ] && { echo "no .bench_versions/base carried"; continue; }
+    for v in ${LEVER_VERSIONS:-base tree}; do
+      path=$PWD; [ $v != tree ] && path=$PWD/.bench_versions/$v:$PWD
+      [ $v != tree ] && [ ! -d .bench_versions/$v ] && { echo "no .bench_versions/$v carried"; continue; }
       PYTHONPATH=$path AUTOTP_BENCH_VERSION=$v timeout ${TRAIN_S:-100} torchrun --standalone --nproc_per_node=$GPUS \
         bench/bench_train.py --provider autotp --tp $GPUS --zero 1 --vocab-parallel --steps 10 --warmup 3 --csv "$CSV" \
         > $LOGS/levers_${v}_$round.txt 2>&1 || { echo "FAILED levers $v"; grep -v -i warn $LOGS/levers_${v}_$round.txt | tail -3; }
