@@ -29,8 +29,10 @@ def _widened(part: torch.Tensor) -> torch.Tensor:
     """The bf16/fp16 partition gradient as fp32 for the masters: on CUDA by `autotp_kernels.widen` (torch's
     dtype-changing copy runs at ~40% of HBM speed; the kernels package, and triton, load only here)."""
     if part.is_cuda and part.dtype in (torch.bfloat16, torch.float16) and part.is_contiguous():
-        from autotp_kernels.widen import widen
-
+        try:
+            from autotp_kernels.widen import widen
+        except ImportError:  # no triton on this CUDA machine: torch's copy, slower, same bits
+            return part.float()
         return widen(part)
     return part.float()
 
