@@ -45,6 +45,14 @@ def clip_coef(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
 
 
+def clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """1 / `clip_coef` without its rounding, for a fused optimizer's `grad_scale`: max(1, (norm + 1e-6) /
+    max_norm); 1 for a non-finite norm. (A norm within a factor max_norm of fp32's largest value gives inf here, a
+    zero update instead of a ~1e-38 one: training has diverged by then either way.)"""
+    scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)
+    return torch.where(torch.isfinite(norm), scale, torch.ones_like(scale))
+
+
 def clip_grads_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
     """Scale `grads` so their global norm is at most `max_norm` (0: off), one multi-tensor launch."""
     if max_norm <= 0 or not grads:
@@ -78,11 +86,7 @@ def prepare_grads(store, loss_scaler, max_norm: float, device: torch.device,
         return False, None, None
     norm = global_grad_norm(store)
     if max_norm > 0 and grads and takes_grad_scale(optimizer):
-        # 1 / clip_coef without its rounding: max(1, (norm + 1e-6) / max_norm); 1 for a non-finite norm. (A norm
-        # within a factor max_norm of fp32's largest value gives inf here, a zero update instead of a ~1e-38
-        # one: training has diverged by then either way.)
-        scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)
-        return True, norm, torch.where(torch.isfinite(norm), scale, torch.ones_like(scale))
+        return True, norm, clip_scale(norm, max_norm)
     clip_grads_(grads, norm, max_norm)
     return True, norm, None
 

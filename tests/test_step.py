@@ -4,7 +4,7 @@ step equals clipping then stepping (single process; the ZeRO tests run it agains
 import pytest
 import torch
 
-from autotp.step import clip_coef, step_with_scale, takes_grad_scale
+from autotp.step import clip_coef, clip_scale, step_with_scale, takes_grad_scale
 
 
 def _params(seed: int):
@@ -34,17 +34,18 @@ def test_folded_clipping_equals_clip_then_step(norm):
     for a, b in zip(folded, plain):
         a.grad = torch.randn(a.shape, generator=gen)
         b.grad = a.grad.clone()
-    coef = clip_coef(torch.tensor(norm), max_norm)
+    coef, scale = clip_coef(torch.tensor(norm), max_norm), clip_scale(torch.tensor(norm), max_norm)
     assert float(coef) == (1.0 if norm <= max_norm or norm == float("inf") else pytest.approx(max_norm / norm))
+    assert float(coef * scale) == pytest.approx(1.0)
     opt_folded = torch.optim.AdamW(folded, lr=0.1, fused=True)
     opt_plain = torch.optim.AdamW(plain, lr=0.1, fused=True)
     for _ in range(2):
-        step_with_scale(opt_folded, coef.reciprocal())
+        step_with_scale(opt_folded, scale)
         torch._foreach_mul_([p.grad for p in plain], coef)
         opt_plain.step()
         assert not hasattr(opt_folded, "grad_scale")
         for a, b in zip(folded, plain):
-            # x / (1/c) against x * c: one rounding apart per gradient (fp32), and Adam's update is a ratio of them.
+            # x / s against x * c with s c = 1 up to a rounding (fp32), and Adam's update is a ratio of them.
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)  # the fused step writes the clipped grad
             b.grad = a.grad.clone()
@@ -57,7 +58,6 @@ def test_folded_clipping_scales_an_sgd_step():
     grads = [torch.ones_like(p) for p in params]
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    coef = clip_coef(torch.tensor(4.0), 1.0)  # 0.25
-    step_with_scale(torch.optim.SGD(params, lr=0.5, fused=True), coef.reciprocal())
+    step_with_scale(torch.optim.SGD(params, lr=0.5, fused=True), clip_scale(torch.tensor(4.0), 1.0))  # ~4
     for p, b in zip(params, before):
         torch.testing.assert_close(p.detach(), b - 0.5 * 0.25, rtol=0, atol=1e-6)
