@@ -281,8 +281,9 @@ def _write_profile(args, profiler, step_s: float, rank: int) -> None:
         return
     kernels = kernels_of(profiler)
     rows = summarise(kernels, step_s * 1e6)
+    tp = 1 if args.provider == "single" else args.tp
     with open(args.profile, "w") as handle:
-        handle.write(f"One {args.provider} step (tp={args.tp if args.provider != 'single' else 1}, zero={args.zero}, seq={args.seq}, "
+        handle.write(f"One {args.provider} step (tp={tp}, zero={args.zero}, seq={args.seq}, "
                      f"kernels={args.kernels}, vocab_parallel={args.vocab_parallel}, sequence_parallel="
                      f"{args.sequence_parallel}), {step_s * 1e3:.1f} ms, rank 0, {torch.cuda.get_device_name()}, "
                      f"torch {torch.__version__}, {datetime.date.today().isoformat()}:\n\n{format_table(rows)}\n\n"

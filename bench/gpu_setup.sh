@@ -14,3 +14,9 @@ install_deepspeed_wheels() {
 build_extensions() {
   python3 -c "from autotp import _ext; _ext.load('nccl'); _ext.load('planner'); _ext.load('fused'); print('extensions built')" 2>&1 | tail -1
 }
+
+# PYTHONPATH for one package version in a side-by-side bench: "tree" is the working tree, any other name a
+# `git archive` of autotp/ and autotp_kernels/ under .bench_versions/<name> (carried, git-ignored) ahead of it.
+version_path() {
+  if [ "$1" = tree ]; then echo "$PWD"; else echo "$PWD/.bench_versions/$1:$PWD"; fi
+}

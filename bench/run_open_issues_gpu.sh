@@ -21,6 +21,7 @@ GPUS=${GPUS:-2}
 STAGES=" ${STAGES:-fused 2d zero3 levers} "
 LOGS=/tmp/open_issues_logs
 mkdir -p $LOGS
+source bench/gpu_setup.sh
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 python3 -c "import time; t = time.time(); from autotp import _ext; _ext.load('fused'); _ext.load('planner'); _ext.load('nccl'); print(f'extensions built in {time.time() - t:.0f} s')" 2>&1 | tail -3
 if [[ $STAGES == *" fused "* ]]; then
@@ -48,16 +49,15 @@ fi
 if [[ $STAGES == *" levers "* ]]; then
   CSV="$RES/train_levers_tp$GPUS.csv"
   for v in ${LEVER_VERSIONS:-base tree}; do
-    [ -d .bench_versions/$v ] && PYTHONPATH=$PWD/.bench_versions/$v python3 -c \
+    [ $v != tree ] && [ -d .bench_versions/$v ] && PYTHONPATH=$(version_path $v) python3 -c \
       "from autotp import _ext; _ext.load('planner'); print('$v: planner built')" 2>&1 | tail -1
   done
   timeout ${TRAIN_S:-100} torchrun --standalone --nproc_per_node=1 bench/bench_train.py --provider single --steps 10 \
     --warmup 3 --csv "$CSV" > $LOGS/levers_single.txt 2>&1 || echo "FAILED single"
   for round in 1 2; do
     for v in ${LEVER_VERSIONS:-base tree}; do
-      path=$PWD; [ $v != tree ] && path=$PWD/.bench_versions/$v:$PWD
       [ $v != tree ] && [ ! -d .bench_versions/$v ] && { echo "no .bench_versions/$v carried"; continue; }
-      PYTHONPATH=$path AUTOTP_BENCH_VERSION=$v timeout ${TRAIN_S:-100} torchrun --standalone --nproc_per_node=$GPUS \
+      PYTHONPATH=$(version_path $v) AUTOTP_BENCH_VERSION=$v timeout ${TRAIN_S:-100} torchrun --standalone --nproc_per_node=$GPUS \
         bench/bench_train.py --provider autotp --tp $GPUS --zero 1 --vocab-parallel --steps 10 --warmup 3 --csv "$CSV" \
         > $LOGS/levers_${v}_$round.txt 2>&1 || { echo "FAILED levers $v"; grep -v -i warn $LOGS/levers_${v}_$round.txt | tail -3; }
     done

@@ -4,7 +4,8 @@ The Trainer drives a step as `_clip_grad_norm` (or `_get_grad_norm`), `optimizer
 `model.zero_grad()`. Gradients do not live in `param.grad` under autotp: the ZeRO store reduces them over DP into
 fp32 buckets and masters. So the norm and the clipping run on the store (`prepare`: step.py's reduction, norm over
 TP x DP, clip; a fused optimizer clips inside its step), and `step` finishes the engine's boundary step (optimizer
-step, weights back to the model, gradients dropped). The learning-rate scheduler sees the real optimizer's `param_groups`.
+step, weights back to the model, gradients dropped). The learning-rate scheduler sees the real optimizer's
+`param_groups`.
 """
 
 from __future__ import annotations
