@@ -235,22 +235,19 @@ def check_timeout(group):
 def main():
     # A hang is killed by torchrun's SIGTERM: dump every thread's Python stack first, so the log shows where.
     faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
-    only = sys.argv[1] if len(sys.argv) > 1 else "all"  # all | kernels | training
+    only = sys.argv[1] if len(sys.argv) > 1 else "all"  # all | kernels | training | native
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     group = dist.group.WORLD
-    if only == "native":
+    if only == "native":  # one GPU: no peer to time out on
         check_native_reduction()
-        if rank == 0:
-            print("ALL OK" if all(RESULTS) else "SOME FAILED", flush=True)
-        dist.destroy_process_group()
-        return
-    if only in ("all", "kernels"):
-        check_kernels(group, world)
-    if only in ("all", "training"):
-        check_training(world)
-    check_timeout(group)
+    else:
+        if only in ("all", "kernels"):
+            check_kernels(group, world)
+        if only in ("all", "training"):
+            check_training(world)
+        check_timeout(group)
     if rank == 0:
         print("ALL OK" if all(RESULTS) else "SOME FAILED", flush=True)
     dist.barrier()
