@@ -111,8 +111,7 @@ def boundary_step(store, optimizer, lr_scheduler, loss_scaler, max_norm: float,
     step, norm, grad_scale = prepare_grads(store, loss_scaler, max_norm, device, optimizer)
     if not step:
         return None
-    step_with_scale(optimizer, grad_scale)
-    store.after_step()
+    store.step(grad_scale)
     if lr_scheduler is not None:
         lr_scheduler.step()
     return norm

@@ -37,7 +37,7 @@ def test_store_is_a_zero_store(stage):
     assert isinstance(store, ZeroStore)
     assert store.stage == stage and len(store.params) == len(store.names) == 4
     methods = _protocol_methods()
-    assert len(methods) == 11, sorted(methods)
+    assert len(methods) == 12, sorted(methods)
     for name, member in methods.items():
         expected = list(inspect.signature(member).parameters)[1:]  # without self
         assert list(inspect.signature(getattr(store, name)).parameters) == expected, name

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..step import prepare_grads, step_with_scale
+from ..step import prepare_grads
 
 
 class StoreOptimizer(torch.optim.Optimizer):
@@ -70,8 +70,7 @@ class StoreOptimizer(torch.optim.Optimizer):
             raise ValueError("autotp's Trainer optimizer takes no closure: the loss comes from the training step")
         self.prepare(clip=False)
         if not self.skipped:
-            step_with_scale(self.optimizer, self._grad_scale)
-            self.store.after_step()
+            self.store.step(self._grad_scale)
         self._grad_scale = None
         self.store.zero_grad()
         self._prepared = False

@@ -25,7 +25,7 @@ from .replicated import ReplicatedState
 class ZeroStore(Protocol):
     """What a ZeRO store offers. One optimizer step, as the engine drives it:
       every micro-step   begin_backward(reduce_now), loss.backward(), end_backward()
-      at the boundary    reduce(); grads() (fp16 unscale, clipping); sumsq(); optimizer.step(); after_step()
+      at the boundary    reduce(); grads() (fp16 unscale, clipping); sumsq(); step(grad_scale)
       then               zero_grad()
     A store takes over the optimizer's param groups when it is built (fp32 masters or partitions in place of the
     model's parameters); the optimizer then only ever sees `grads()`' owners."""
@@ -58,6 +58,11 @@ class ZeroStore(Protocol):
     def sumsq(self) -> torch.Tensor:
         """This rank's share of the squared global gradient norm (a 0-d fp32 tensor on the device): summed over all
         ranks (DP x TP) it counts every distinct gradient value of the model once."""
+
+    def step(self, grad_scale) -> None:
+        """The optimizer step on what `grads()` hold, dividing them by `grad_scale` (the folded clipping, a device
+        tensor) when given, then `after_step()`: `step.step_with_scale(optimizer, grad_scale)`, or a store's own
+        kernel for the same update (stages 1 and 2 on bf16 models, `master_adam.py`)."""
 
     def after_step(self) -> None:
         """After `optimizer.step()`: the updated weights reach the model's parameters on every DP rank (a copy from
@@ -96,7 +101,7 @@ def build_store(cfg: AutoTPConfig, model: nn.Module, optimizer, groups, device: 
                                     mixed_precision=cfg.bf16 or cfg.fp16)
         else:
             store = PartitionedState(params, names, optimizer, groups, cfg.zero, cfg.zero.stage,
-                                     cfg.gradient_accumulation_steps, device)
+                                     cfg.gradient_accumulation_steps, device, cfg.tensor_parallel.kernels)
     except (ConfigError, ValueError) as err:
         error = err
     raise_on_every_rank(error)

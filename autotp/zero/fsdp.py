@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from ..shard import layout_of, mark_sharded
 from .dp_shards import GATHER_DTYPE_ATTR, dp_mesh, dp_rows
 from .fsdp_units import move_tp_grad_hooks, plan_units
+from ..step import step_with_scale
 from .norm import count_once_weights, sumsq_of
 from .replicated import all_reduce_mean
 
@@ -199,6 +200,10 @@ class FullyShardedState:
                 weight = weight[start * per_row:(start + length) * per_row]
             pairs.append((grad, weight))
         return sumsq_of(pairs, self.device)
+
+    def step(self, grad_scale) -> None:
+        step_with_scale(self.optimizer, grad_scale)
+        self.after_step()
 
     def after_step(self) -> None:
         """The sharded parameters are the masters the optimizer updated (FSDP2 all-gathers them at the next

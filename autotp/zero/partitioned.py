@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 
 from .backend import make_backend
+from ..step import step_with_scale
 from .buckets import Bucket, make_tracker, plan
+from .master_adam import MasterAdam
 from .norm import count_once_weights, sumsq_of
 
 
@@ -41,7 +43,7 @@ class PartitionedState:
     """The `ZeroStore` of stages 1 and 2 (see `zero/__init__.py`)."""
 
     def __init__(self, params: list[nn.Parameter], names: list[str], optimizer, groups, zero_cfg, stage: int,
-                 gradient_accumulation_steps: int, device: torch.device):
+                 gradient_accumulation_steps: int, device: torch.device, kernels: str = "auto"):
         self.stage = stage
         self.params = params
         self.names = names
@@ -77,6 +79,9 @@ class PartitionedState:
 
         # Stage 1 accumulates whole gradients over micro-steps: fp32 when there is more than one.
         model_dtype = params[0].dtype if params else torch.float32
+        # The step in one kernel per partition where it can run there (`master_adam`); else torch's step.
+        self.master_adam = MasterAdam.for_masters(optimizer, self.masters, model_dtype, kernels)
+        self._kernel_step = False  # whether this step's gradients stay in the partitions for `master_adam`
         self.accum_dtype = torch.float32 if (stage == 1 and gradient_accumulation_steps > 1) else model_dtype
         wire = zero_cfg.communication_data_type
         self.wire_dtype = getattr(torch, wire) if wire else self.accum_dtype
@@ -227,9 +232,13 @@ class PartitionedState:
         self.backend.reduce_scatter(parts, wires, accumulate)
 
     def reduce(self) -> None:
-        """At the boundary: every bucket's reduction has finished; gradients become the DP mean."""
+        """At the boundary: every bucket's reduction has finished; gradients become the DP mean (inside the
+        step's kernel when `master_adam` takes this step: it reads the partition gradients as they are)."""
         if self.backend is not None:
             self.backend.join()
+        self._kernel_step = self.master_adam is not None and self.master_adam.applies()
+        if self._kernel_step:
+            return
         for index, (master, part) in enumerate(zip(self.masters, self.grad_parts)):
             master.grad = part if part.dtype == torch.float32 else _widened(part)
             if master.grad is not part:
@@ -239,14 +248,37 @@ class PartitionedState:
 
     # ---- step ----------------------------------------------------------------------------------------
     def grads(self) -> list[torch.Tensor]:
+        """The masters' fp32 gradients (the DP mean); when `master_adam` takes the step, the partition gradients
+        it reads instead, in the wire dtype and summed over DP (bf16 only: nothing unscales them, and its clipping
+        is folded into the step)."""
+        if self._kernel_step:
+            return list(self.grad_parts)
         return [m.grad for m in self.masters]
 
     def sumsq(self) -> torch.Tensor:
         """This rank's share of the squared global norm: partitions are disjoint over DP, shards counted once
         over TP, padding is zero."""
-        return sumsq_of(((master.grad[start:start + length], weight)
-                         for master, pieces in zip(self.masters, self._norm_weights)
-                         for start, length, weight in pieces), self.device)
+        grads = self.grads()
+        total = sumsq_of(((grad[start:start + length], weight)
+                          for grad, pieces in zip(grads, self._norm_weights)
+                          for start, length, weight in pieces), self.device)
+        if self._kernel_step and self.dp > 1:
+            total = total * (1.0 / self.dp) ** 2  # the sums' norm -> the mean's (exact for a power-of-2 dp)
+        return total
+
+    def step(self, grad_scale: Optional[torch.Tensor]) -> None:
+        if not self._kernel_step:
+            step_with_scale(self.optimizer, grad_scale)
+            self.after_step()
+            return
+        triples = [(part, master, flat[slice(*bucket.partition_range(self.dp_rank))])
+                   for bucket, flat, master, part in zip(self.buckets, self.flat_params, self.masters,
+                                                         self.grad_parts)]
+        self.master_adam.step(triples, 1.0 / self.dp, grad_scale)  # writes the weights: no copy from the masters
+        self._kernel_step = False
+        if self.dp > 1:
+            for bucket, flat in zip(self.buckets, self.flat_params):
+                self._all_gather(bucket, flat)
 
     def after_step(self) -> None:
         """Write updated master slices into the flat parameters and all-gather them over DP."""
@@ -277,6 +309,7 @@ class PartitionedState:
         """Drop every gradient, including a stage-1 window accumulated but not reduced yet."""
         if self.backend is not None:
             self.backend.join()
+        self._kernel_step = False
         for index, master in enumerate(self.masters):
             master.grad = None
             self.grad_parts[index] = None

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..step import step_with_scale
 from .norm import count_once_weights, sumsq_of
 
 
@@ -99,6 +100,10 @@ class ReplicatedState:
             return torch.zeros((), dtype=torch.float32, device=device)
         return sumsq_of(((param.grad, weight) for param, weight in zip(self.trained, self._weights)
                          if param.grad is not None), device)
+
+    def step(self, grad_scale) -> None:
+        step_with_scale(self.optimizer, grad_scale)
+        self.after_step()
 
     def after_step(self) -> None:
         if self.masters is not None:

@@ -1,0 +1,117 @@
+"""ZeRO 1/2's one-kernel optimizer step (`autotp.zero.master_adam`) against torch's fused AdamW step in the same
+engine, TP=2 x DP=2 over gloo, bf16 model with fp32 masters (the kernel runs under Triton's interpreter).
+
+Both runs see the same bf16 gradients at the first step, so after it the masters agree as in
+`test_kernels_adam.py` (an ulp of |p| plus a few ulp of the update), the global norm to fp32 rounding (the
+kernel path norms the DP sums and scales by 1/dp^2, exact for dp = 2; 1e-6 covers the bf16 -> fp32 sum order),
+and the model's bf16 weights are exactly the masters rounded, on every DP rank (after the all-gather). The
+clipping is active (norm > CLIP), so a kernel that dropped the folded scale or the DP mean fails here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from families import batch, tiny_model
+
+MICRO, SEQ, CLIP, LR = 2, 10, 0.05, 1e-2
+
+
+def _engine(stage: int, gas: int, kernels: str, dp: int):
+    import autotp
+
+    model = tiny_model("llama")
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=LR, eps=1e-6, fused=True)
+    config = {"train_batch_size": MICRO * gas * dp, "train_micro_batch_size_per_gpu": MICRO,
+              "gradient_clipping": CLIP, "bf16": {"enabled": True},
+              "tensor_parallel": {"autotp_size": 2, "kernels": kernels},
+              "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000}}
+    engine, _, _, _ = autotp.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, optimizer
+
+
+def _step(engine, gas: int, dp: int, seed: int) -> None:
+    ids = batch(seed=seed, batch_size=MICRO * gas * dp, seq=SEQ).view(gas, dp, MICRO, SEQ)
+    for m in range(gas):
+        engine.backward(engine(input_ids=ids[m, engine.dp_rank], labels=ids[m, engine.dp_rank]).loss)
+        engine.step()
+
+
+def _train(stage: int, gas: int, kernels: str, dp: int):
+    engine, optimizer = _engine(stage, gas, kernels, dp)
+    _step(engine, gas, dp, seed=5)
+    store = engine.store
+    weights_match_masters = all(
+        torch.equal(flat[slice(*bucket.partition_range(store.dp_rank))], master.detach().bfloat16())
+        for bucket, flat, master in zip(store.buckets, store.flat_params, store.masters))
+    states = [optimizer.state[m] for m in store.masters]
+    return dict(kernel=store.master_adam is not None, norm=float(engine.get_global_grad_norm()),
+                masters=[m.detach().clone() for m in store.masters],
+                exp_avg=[s["exp_avg"].clone() for s in states], steps=[float(s["step"]) for s in states],
+                layout=[{k: (v.dtype, v.device.type, tuple(v.shape)) for k, v in s.items()} for s in states],
+                weights_match_masters=weights_match_masters, tp_rank=engine.tp_rank,
+                flats=[flat.clone() for flat in store.flat_params])
+
+
+def _both(rank, world_size, stage, gas):
+    dp = world_size // 2
+    return {kernels: _train(stage, gas, kernels, dp) for kernels in ("auto", "torch")}
+
+
+@pytest.mark.parametrize("stage,gas", [(1, 1), (2, 2)])
+def test_kernel_step_matches_torch_fused_adamw(stage, gas):
+    """(2, 2) accumulates in an fp32 partition gradient: the kernel reads fp32 there, bf16 at (1, 1)."""
+    results = run_distributed(4, _both, stage, gas)
+    for rank, run in enumerate(results):
+        ours, torchs = run["auto"], run["torch"]
+        assert ours["kernel"] and not torchs["kernel"], "kernels: auto must take the kernel step, torch must not"
+        assert ours["norm"] > CLIP, "the clipping must be active for this test to check the folded scale"
+        assert ours["norm"] == pytest.approx(torchs["norm"], rel=1e-6)
+        assert ours["weights_match_masters"], rank
+        assert ours["layout"] == torchs["layout"], "the optimizer state must keep torch's layout (checkpoints)"
+        assert ours["steps"] == torchs["steps"] == [1.0] * len(ours["steps"])
+        for mine, ref in zip(ours["masters"], torchs["masters"]):
+            bound = torch.finfo(torch.float32).eps * ref.abs() + 1e-5 * LR
+            assert bool(((mine - ref).abs() <= bound).all()), float(((mine - ref).abs() / bound).max())
+        for mine, ref in zip(ours["exp_avg"], torchs["exp_avg"]):
+            # One step: exp_avg = 0.1 * grad, a product of two roundings in either path.
+            torch.testing.assert_close(mine, ref, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
+    for tp_rank in (0, 1):  # the all-gathered bf16 buckets are the same on both DP ranks of a TP shard
+        replicas = [r["auto"]["flats"] for r in results if r["auto"]["tp_rank"] == tp_rank]
+        assert len(replicas) == 2
+        assert all(torch.equal(a, b) for a, b in zip(*replicas))
+
+
+def _resume_across(rank, world_size, ckpt_dir):
+    """A checkpoint of the kernel step's state, loaded by an engine on torch's step: the same state, and the
+    next step agrees as the first did."""
+    dp = world_size // 2
+    ours, ours_opt = _engine(1, 1, "auto", dp)
+    _step(ours, 1, dp, seed=5)
+    ours.save_checkpoint(ckpt_dir)
+    torchs, torchs_opt = _engine(1, 1, "torch", dp)
+    torchs.load_checkpoint(ckpt_dir)
+    same = all(torch.equal(ours_opt.state[a][key].cpu(), torchs_opt.state[b][key].cpu())
+               for a, b in zip(ours.store.masters, torchs.store.masters) for key in ("step", "exp_avg", "exp_avg_sq"))
+    same = same and all(torch.equal(a, b) for a, b in zip(ours.store.masters, torchs.store.masters))
+    _step(ours, 1, dp, seed=6)
+    _step(torchs, 1, dp, seed=6)
+    errors = [float(((a - b).abs() / (2 * torch.finfo(torch.float32).eps * b.abs() + 2e-5 * LR)).max())
+              for a, b in zip(ours.store.masters, torchs.store.masters)]
+    return dict(same=same, kernel=(ours.store.master_adam is not None, torchs.store.master_adam is not None),
+                error=max(errors))
+
+
+def test_checkpoint_moves_between_kernel_and_torch_steps(tmp_path):
+    """Two steps, the second on both sides of the checkpoint: the bound is the first step's, twice (the loaded
+    masters are equal, so only the second update's rounding and the bf16 weights it was computed from differ:
+    the weights are the same masters rounded, hence equal)."""
+    for result in run_distributed(4, _resume_across, str(tmp_path / "ckpt")):
+        assert result["kernel"] == (True, False)
+        assert result["same"], "the loaded state must be the saved state"
+        assert result["error"] <= 1.0, result["error"]
