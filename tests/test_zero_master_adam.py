@@ -44,13 +44,15 @@ def _step(engine, gas: int, dp: int, seed: int) -> None:
 
 def _train(stage: int, gas: int, kernels: str, dp: int):
     engine, optimizer = _engine(stage, gas, kernels, dp)
-    _step(engine, gas, dp, seed=5)
     store = engine.store
+    own_grads, fill = [], store._own_grad  # count the buckets whose partition is the parameter's own gradient
+    store._own_grad = lambda bucket: own_grads.append(fill(bucket)) or own_grads[-1]
+    _step(engine, gas, dp, seed=5)
     weights_match_masters = all(
         torch.equal(flat[slice(*bucket.partition_range(store.dp_rank))], master.detach().bfloat16())
         for bucket, flat, master in zip(store.buckets, store.flat_params, store.masters))
     states = [optimizer.state[m] for m in store.masters]
-    return dict(kernel=store.master_adam is not None, norm=float(engine.get_global_grad_norm()),
+    return dict(kernel=store.master_adam is not None, own_grads=sum(g is not None for g in own_grads), norm=float(engine.get_global_grad_norm()),
                 masters=[m.detach().clone() for m in store.masters],
                 exp_avg=[s["exp_avg"].clone() for s in states], steps=[float(s["step"]) for s in states],
                 layout=[{k: (v.dtype, v.device.type, tuple(v.shape)) for k, v in s.items()} for s in states],
@@ -63,13 +65,16 @@ def _both(rank, world_size, stage, gas):
     return {kernels: _train(stage, gas, kernels, dp) for kernels in ("auto", "torch")}
 
 
-@pytest.mark.parametrize("stage,gas", [(1, 1), (2, 2)])
-def test_kernel_step_matches_torch_fused_adamw(stage, gas):
-    """(2, 2) accumulates in an fp32 partition gradient: the kernel reads fp32 there, bf16 at (1, 1)."""
-    results = run_distributed(4, _both, stage, gas)
+@pytest.mark.parametrize("stage,gas,world", [(1, 1, 4), (2, 2, 4), (1, 1, 2)])
+def test_kernel_step_matches_torch_fused_adamw(stage, gas, world):
+    """(2, 2) accumulates in an fp32 partition gradient: the kernel reads fp32 there, bf16 at (1, 1). At DP=1
+    (world 2) a bucket of one parameter passes that parameter's gradient itself, shorter than the padded master."""
+    dp = world // 2
+    results = run_distributed(world, _both, stage, gas)
     for rank, run in enumerate(results):
         ours, torchs = run["auto"], run["torch"]
         assert ours["kernel"] and not torchs["kernel"], "kernels: auto must take the kernel step, torch must not"
+        assert (ours["own_grads"] > 0) == (dp == 1 and gas == 1) and torchs["own_grads"] == 0, ours["own_grads"]
         assert ours["norm"] > CLIP, "the clipping must be active for this test to check the folded scale"
         assert ours["norm"] == pytest.approx(torchs["norm"], rel=1e-6)
         assert ours["weights_match_masters"], rank
@@ -81,10 +86,10 @@ def test_kernel_step_matches_torch_fused_adamw(stage, gas):
         for mine, ref in zip(ours["exp_avg"], torchs["exp_avg"]):
             # One step: exp_avg = 0.1 * grad, a product of two roundings in either path.
             torch.testing.assert_close(mine, ref, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
-    for tp_rank in (0, 1):  # the all-gathered bf16 buckets are the same on both DP ranks of a TP shard
+    for tp_rank in (0, 1):  # the all-gathered bf16 buckets are the same on every DP rank of a TP shard
         replicas = [r["auto"]["flats"] for r in results if r["auto"]["tp_rank"] == tp_rank]
-        assert len(replicas) == 2
-        assert all(torch.equal(a, b) for a, b in zip(*replicas))
+        assert len(replicas) == dp
+        assert all(torch.equal(a, b) for a, b in zip(replicas[0], replicas[-1]))
 
 
 def _resume_across(rank, world_size, ckpt_dir):
@@ -115,3 +120,25 @@ def test_checkpoint_moves_between_kernel_and_torch_steps(tmp_path):
         assert result["kernel"] == (True, False)
         assert result["same"], "the loaded state must be the saved state"
         assert result["error"] <= 1.0, result["error"]
+
+
+def _hooked(rank, world_size):
+    """An optimizer step hook set after the engine was built: the kernel cannot run it, so the step falls back to
+    `optimizer.step()` (hooks called), on partitions `_own_grad` had already taken (padded back here)."""
+    dp = world_size // 2
+    hooked, hooked_opt = _engine(1, 1, "auto", dp)
+    calls = []
+    hooked_opt.register_step_pre_hook(lambda *args: calls.append(1))
+    own_grads, fill = [], hooked.store._own_grad
+    hooked.store._own_grad = lambda bucket: own_grads.append(fill(bucket)) or own_grads[-1]
+    plain, _ = _engine(1, 1, "torch", dp)
+    for engine in (hooked, plain):
+        _step(engine, 1, dp, seed=5)
+    same = all(torch.equal(a, b) for a, b in zip(hooked.store.masters, plain.store.masters))
+    return dict(calls=len(calls), own=sum(g is not None for g in own_grads), same=same)
+
+
+def test_step_hook_falls_back_to_torch_step():
+    for result in run_distributed(2, _hooked):
+        assert result["calls"] == 1 and result["own"] > 0
+        assert result["same"], "the fallback is torch's own step: the same bits as kernels: torch"

@@ -86,7 +86,9 @@ class MasterAdam:
              grad_scale: Optional[torch.Tensor]) -> None:
         """One update of every (gradient, master, weight): the gradient, times `grad_mul` and divided by
         `grad_scale` (the folded clipping) when given, updates the master and its moments; the weight (the
-        master's slice of the model's flat bucket) receives the new master in the model's dtype."""
+        master's slice of the model's flat bucket) receives the new master in the model's dtype. A gradient and
+        weight shorter than their (flat) master cover its first elements; the rest is left as it is (a zero
+        gradient's update of a zero master: nothing)."""
         from autotp_kernels.adam import adam_step
 
         states = [self._state(master) for _, master, _ in triples]
@@ -95,7 +97,9 @@ class MasterAdam:
             group = self.group_of[id(master)]
             beta1, beta2 = group["betas"]
             decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
-            adam_step(grad, master, state["exp_avg"], state["exp_avg_sq"], weight, state["step"],
+            n = grad.numel()
+            adam_step(grad, master.detach()[:n], state["exp_avg"][:n], state["exp_avg_sq"][:n], weight,
+                      state["step"],
                       lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], decoupled=decoupled, grad_mul=grad_mul,
                       grad_scale=grad_scale)
