@@ -142,3 +142,29 @@ def test_step_hook_falls_back_to_torch_step():
     for result in run_distributed(2, _hooked):
         assert result["calls"] == 1 and result["own"] > 0
         assert result["same"], "the fallback is torch's own step: the same bits as kernels: torch"
+
+
+def test_reads_param_groups_and_counts_after_load_state_dict():
+    """`load_state_dict` replaces the param-group dicts (an LR scheduler then writes the new ones) and the step
+    tensors: the kernel step must read both anew (lr 0 after the load: the master stays where it is)."""
+    from autotp.zero.master_adam import MasterAdam
+
+    master = torch.nn.Parameter(torch.ones(8))
+    optimizer = torch.optim.AdamW([master], lr=1e-2, fused=True)
+    step = MasterAdam.for_masters(optimizer, [master], torch.bfloat16, "auto")
+    weight = torch.empty(8, dtype=torch.bfloat16)
+    step.step([(torch.ones(8, dtype=torch.bfloat16), master, weight)], 1.0, None)
+    moved = master.detach().clone()
+    assert not torch.equal(moved, torch.ones(8))
+    saved = optimizer.state_dict()
+    saved["state"][0]["step"] = torch.tensor(5.0)  # a count the host has not seen: read from the loaded state
+    optimizer.load_state_dict(saved)
+    optimizer.param_groups[0]["lr"] = 0.0
+    step.step([(torch.ones(8, dtype=torch.bfloat16), master, weight)], 1.0, None)
+    assert torch.equal(master.detach(), moved)
+    assert float(optimizer.state[master]["step"]) == 6.0 and step._counts[id(master)][1] == 6
+    assert MasterAdam.for_masters(optimizer, [master], torch.float16, "auto") is None  # fp16: unscaled first
+    assert MasterAdam.for_masters(optimizer, [master], torch.bfloat16, "torch") is None
+    assert MasterAdam.for_masters(torch.optim.AdamW([master], fused=True, amsgrad=True), [master],
+                                  torch.bfloat16, "auto") is None
+    assert MasterAdam.for_masters(torch.optim.AdamW([master], foreach=True), [master], torch.bfloat16, "auto") is None

@@ -42,7 +42,9 @@ class MasterAdam:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
-        self.group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        # The step count of each master on the host, with the state tensor it mirrors: the kernel's bias
+        # corrections come from it (`adam_step`), and a state tensor replaced by a checkpoint load is read once.
+        self._counts: dict[int, tuple[torch.Tensor, int]] = {}
 
     @classmethod
     def for_masters(cls, optimizer, masters: list[nn.Parameter], model_dtype: torch.dtype,
@@ -69,17 +71,22 @@ class MasterAdam:
             return False
         return all(_group_supported(group) for group in opt.param_groups)
 
-    def _state(self, master: nn.Parameter) -> dict:
-        """torch's fused Adam state for `master`, created as its first step creates it."""
+    def _state(self, master: nn.Parameter) -> tuple[dict, int]:
+        """torch's fused Adam state for `master`, created as its first step creates it, and its step count."""
         state = self.optimizer.state[master]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
             state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+            self._counts[id(master)] = (state["step"], 0)
         elif state["step"].device != master.device or state["step"].dtype != torch.float32:
-            # a state loaded for torch's non-fused step (a CPU count): the kernel reads the count on the device
+            # a state loaded for torch's non-fused step (a CPU count): kept where torch's fused step keeps it
             state["step"] = state["step"].to(device=master.device, dtype=torch.float32)
-        return state
+        known = self._counts.get(id(master))
+        if known is None or known[0] is not state["step"]:  # loaded or set from outside: read once (a sync)
+            known = (state["step"], int(state["step"].item()))
+            self._counts[id(master)] = known
+        return state, known[1]
 
     @torch.no_grad()
     def step(self, triples: list[tuple[torch.Tensor, nn.Parameter, torch.Tensor]], grad_mul: float,
@@ -91,15 +98,17 @@ class MasterAdam:
         gradient's update of a zero master: nothing)."""
         from autotp_kernels.adam import adam_step
 
+        # Looked up on every step: `optimizer.load_state_dict` replaces the group dicts the LR scheduler writes.
+        group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
         states = [self._state(master) for _, master, _ in triples]
-        torch._foreach_add_([state["step"] for state in states], 1.0)  # as torch's fused step counts
-        for (grad, master, weight), state in zip(triples, states):
-            group = self.group_of[id(master)]
+        torch._foreach_add_([state["step"] for state, _ in states], 1.0)  # torch's count, kept for checkpoints
+        for (grad, master, weight), (state, count) in zip(triples, states):
+            self._counts[id(master)] = (state["step"], count + 1)
+            group = group_of[id(master)]
             beta1, beta2 = group["betas"]
             decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
             n = grad.numel()
-            adam_step(grad, master.detach()[:n], state["exp_avg"][:n], state["exp_avg_sq"][:n], weight,
-                      state["step"],
+            adam_step(grad, master.detach()[:n], state["exp_avg"][:n], state["exp_avg_sq"][:n], weight, count + 1,
                       lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], decoupled=decoupled, grad_mul=grad_mul,
                       grad_scale=grad_scale)

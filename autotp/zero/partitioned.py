@@ -252,8 +252,11 @@ class PartitionedState:
         if self.backend is not None:
             self.backend.join()
         self._kernel_step = self.master_adam is not None and self.master_adam.applies()
-        if self._kernel_step:
-            return
+        if not self._kernel_step:
+            self._widen_parts()
+
+    def _widen_parts(self) -> None:
+        """The masters' fp32 gradients, the DP mean, from the reduced partitions (which are then dropped)."""
         for index, (master, part) in enumerate(zip(self.masters, self.grad_parts)):
             if part.numel() < master.numel():  # a parameter's own gradient (`_own_grad`): the padding's zeros
                 part = torch.nn.functional.pad(part, (0, master.numel() - part.numel()))
@@ -284,6 +287,11 @@ class PartitionedState:
         return total
 
     def step(self, grad_scale: Optional[torch.Tensor]) -> None:
+        if self._kernel_step and not self.master_adam.applies():
+            # a hook or a grad_scale set since `reduce` (an HF Trainer callback between clipping and the step):
+            # torch's step, which honours them, on the gradients it expects
+            self._widen_parts()
+            self._kernel_step = False
         if not self._kernel_step:
             step_with_scale(self.optimizer, grad_scale)
             self.after_step()
