@@ -102,5 +102,6 @@ def adam_step(grad: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, e
     _adam_kernel[(triton.cdiv(numel, BLOCK),)](
         grad, master, exp_avg, exp_avg_sq, weight, grad_scale if grad_scale is not None else master, numel,
         step_size, bias_correction2_sqrt, lr * weight_decay, weight_decay, beta1, beta2, eps, grad_mul,
-        DECOUPLED=decoupled, HAS_DECAY=weight_decay != 0, HAS_SCALE=grad_scale is not None, WEIGHT_BF16=weight.dtype == torch.bfloat16,
+        DECOUPLED=decoupled, HAS_DECAY=weight_decay != 0, HAS_SCALE=grad_scale is not None,
+        WEIGHT_BF16=weight.dtype == torch.bfloat16,
         BLOCK=BLOCK, num_warps=8)

@@ -4,7 +4,8 @@
 # one-GPU step (`--provider single`), kernel by kernel: everything but the TP collectives is in both, at twice
 # TP=2's per-GPU sizes. VERSIONS (`version_path` in gpu_setup.sh) run in two rounds alternating with the single
 # row (SINGLE=0: none); then one profiled step of the last version and of single (<name>.md and
-# <name>_kernels.csv; PROFILE=0: none). Llama-3-8B shape, 8 layers, seq 4096, micro-batch 1, bf16.
+# <name>_kernels.csv; PROFILE=0: none). ZERO: the autotp rows' ZeRO stage (default 1). Llama-3-8B shape, 8
+# layers, seq 4096, micro-batch 1, bf16.
 set -u
 RES=${OUT:-/tmp/engine_profile_out}
 VERSIONS=${VERSIONS:-tree}
@@ -24,10 +25,10 @@ row() {  # label, version, bench_train arguments
 }
 for round in 1 2; do
   [ "${SINGLE:-1}" = 1 ] && row "single_$round" tree --provider single
-  for v in $VERSIONS; do row "autotp_${v}_$round" "$v" --provider autotp --tp 1 --zero 1; done
+  for v in $VERSIONS; do row "autotp_${v}_$round" "$v" --provider autotp --tp 1 --zero ${ZERO:-1}; done
 done
 if [ "${PROFILE:-1}" != 0 ]; then
-  row autotp_prof "${VERSIONS##* }" --provider autotp --tp 1 --zero 1 --profile "$RES/profile_tp1_autotp.md"
+  row autotp_prof "${VERSIONS##* }" --provider autotp --tp 1 --zero ${ZERO:-1} --profile "$RES/profile_tp1_autotp.md"
   row single_prof tree --provider single --profile "$RES/profile_tp1_single.md"
 fi
 PYTHONPATH=$PWD python3 bench/print_csv.py "$CSV" provider version tp zero step_s host_s tokens_per_s_per_gpu peak_mem_gb first_losses

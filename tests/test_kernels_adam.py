@@ -1,13 +1,14 @@
 """`autotp_kernels.adam` against torch's fused Adam/AdamW on the same fp32 masters (Triton interpreter on CPU).
 
 Tolerance: both compute the update in fp32 from the same inputs with roundings in another order (FMA contraction,
-the bias corrections rounded to fp32 from fp64 here; torch's CUDA kernel computes them in fp32, where
-1 - beta**t loses eps * beta**t / (1 - beta**t) of itself to cancellation): so each step's update agrees to
-4 eps + eps / (1 - beta1**t) + eps / (1 - beta2**t) of itself, and the master, p - update, can land one ulp of |p|
-apart after each step. After STEPS steps: |p - p_ref| <= STEPS * ulp(|p|) + the sum of those update bounds. exp_avg sums terms of both signs, so its
-error is bounded by ulps of the terms' magnitude, not of its value: 4 fp32 ulp per step of the beta1-weighted sum
-of |grad|. Adam's L2 gradient grad + wd * p cancels too (and a GPU computes it as one FMA), so exp_avg_sq gets the
-same bound over the beta2-weighted sum of (|grad| + wd |p|)^2. The weight is the master rounded to its dtype, so it must equal `master.to(dtype)` bit for bit.
+the bias corrections rounded to fp32 from fp64 here; torch's CUDA kernel computes them in fp32, where 1 - beta**t
+loses eps * beta**t / (1 - beta**t) of itself to cancellation): so each step's update agrees to 4 eps + eps / (1 -
+beta1**t) + eps / (1 - beta2**t) of itself, and the master, p - update, can land one ulp of |p| apart after each
+step. After STEPS steps: |p - p_ref| <= STEPS * ulp(|p|) + the sum of those update bounds. exp_avg sums terms of
+both signs, so its error is bounded by ulps of the terms' magnitude, not of its value: 4 fp32 ulp per step of the
+beta1-weighted sum of |grad|. Adam's L2 gradient grad + wd * p cancels too (and a GPU computes it as one FMA), so
+exp_avg_sq gets the same bound over the beta2-weighted sum of (|grad| + wd |p|)^2. The weight is the master rounded
+to its dtype, so it must equal `master.to(dtype)` bit for bit.
 """
 
 from __future__ import annotations

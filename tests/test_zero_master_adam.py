@@ -45,19 +45,27 @@ def _step(engine, gas: int, dp: int, seed: int) -> None:
 def _train(stage: int, gas: int, kernels: str, dp: int):
     engine, optimizer = _engine(stage, gas, kernels, dp)
     store = engine.store
-    own_grads, fill = [], store._own_grad  # count the buckets whose partition is the parameter's own gradient
-    store._own_grad = lambda bucket: own_grads.append(fill(bucket)) or own_grads[-1]
+    # Count the gradients the kernel reads without a copy: a parameter's own gradient as a bucket's partition
+    # (stages 1/2), a bf16 gradient left on its parameter (stage 0).
+    uncopied, name = [], "_kernel_grad" if stage == 0 else "_own_grad"
+    original = getattr(store, name)
+    setattr(store, name, lambda arg: uncopied.append(original(arg)) or uncopied[-1])
     _step(engine, gas, dp, seed=5)
-    weights_match_masters = all(
-        torch.equal(flat[slice(*bucket.partition_range(store.dp_rank))], master.detach().bfloat16())
-        for bucket, flat, master in zip(store.buckets, store.flat_params, store.masters))
+    if stage == 0:
+        weights = [p.detach().reshape(-1) for p in store.params]
+    else:
+        weights = [flat[slice(*bucket.partition_range(store.dp_rank))]
+                   for bucket, flat in zip(store.buckets, store.flat_params)]
+    weights_match_masters = all(torch.equal(w, m.detach().reshape(-1).bfloat16())
+                                for w, m in zip(weights, store.masters))
     states = [optimizer.state[m] for m in store.masters]
-    return dict(kernel=store.master_adam is not None, own_grads=sum(g is not None for g in own_grads), norm=float(engine.get_global_grad_norm()),
+    flats = [p.detach().clone() for p in store.params] if stage == 0 else [f.clone() for f in store.flat_params]
+    return dict(kernel=store.master_adam is not None, norm=float(engine.get_global_grad_norm()),
+                uncopied=sum(g is not None and (stage or g.dtype == torch.bfloat16) for g in uncopied),
                 masters=[m.detach().clone() for m in store.masters],
                 exp_avg=[s["exp_avg"].clone() for s in states], steps=[float(s["step"]) for s in states],
                 layout=[{k: (v.dtype, v.device.type, tuple(v.shape)) for k, v in s.items()} for s in states],
-                weights_match_masters=weights_match_masters, tp_rank=engine.tp_rank,
-                flats=[flat.clone() for flat in store.flat_params])
+                weights_match_masters=weights_match_masters, tp_rank=engine.tp_rank, flats=flats)
 
 
 def _both(rank, world_size, stage, gas):
@@ -65,16 +73,17 @@ def _both(rank, world_size, stage, gas):
     return {kernels: _train(stage, gas, kernels, dp) for kernels in ("auto", "torch")}
 
 
-@pytest.mark.parametrize("stage,gas,world", [(1, 1, 4), (2, 2, 4), (1, 1, 2)])
+@pytest.mark.parametrize("stage,gas,world", [(1, 1, 4), (2, 2, 4), (1, 1, 2), (0, 1, 2), (0, 2, 4)])
 def test_kernel_step_matches_torch_fused_adamw(stage, gas, world):
     """(2, 2) accumulates in an fp32 partition gradient: the kernel reads fp32 there, bf16 at (1, 1). At DP=1
-    (world 2) a bucket of one parameter passes that parameter's gradient itself, shorter than the padded master."""
+    (world 2) a bucket of one parameter passes that parameter's gradient itself, shorter than the padded master;
+    stage 0 there reads the parameters' bf16 gradients, and fp32 master gradients with accumulation or DP."""
     dp = world // 2
     results = run_distributed(world, _both, stage, gas)
     for rank, run in enumerate(results):
         ours, torchs = run["auto"], run["torch"]
         assert ours["kernel"] and not torchs["kernel"], "kernels: auto must take the kernel step, torch must not"
-        assert (ours["own_grads"] > 0) == (dp == 1 and gas == 1) and torchs["own_grads"] == 0, ours["own_grads"]
+        assert (ours["uncopied"] > 0) == (dp == 1 and gas == 1) and torchs["uncopied"] == 0, ours["uncopied"]
         assert ours["norm"] > CLIP, "the clipping must be active for this test to check the folded scale"
         assert ours["norm"] == pytest.approx(torchs["norm"], rel=1e-6)
         assert ours["weights_match_masters"], rank

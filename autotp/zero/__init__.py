@@ -62,7 +62,7 @@ class ZeroStore(Protocol):
     def step(self, grad_scale) -> None:
         """The optimizer step on what `grads()` hold, dividing them by `grad_scale` (the folded clipping, a device
         tensor) when given, then `after_step()`: `step.step_with_scale(optimizer, grad_scale)`, or a store's own
-        kernel for the same update (stages 1 and 2 on bf16 models, `master_adam.py`)."""
+        kernel for the same update (stages 0-2 on bf16 models, `master_adam.py`)."""
 
     def after_step(self) -> None:
         """After `optimizer.step()`: the updated weights reach the model's parameters on every DP rank (a copy from
@@ -98,7 +98,7 @@ def build_store(cfg: AutoTPConfig, model: nn.Module, optimizer, groups, device: 
             store = FullyShardedState(model, optimizer, groups, cfg, device)
         elif cfg.zero.stage == 0:
             store = ReplicatedState(params, names, optimizer, groups, cfg.zero.reduce_bucket_size,
-                                    mixed_precision=cfg.bf16 or cfg.fp16)
+                                    mixed_precision=cfg.bf16 or cfg.fp16, kernels=cfg.tensor_parallel.kernels)
         else:
             store = PartitionedState(params, names, optimizer, groups, cfg.zero, cfg.zero.stage,
                                      cfg.gradient_accumulation_steps, device, cfg.tensor_parallel.kernels)

@@ -1,4 +1,5 @@
-"""The optimizer step of ZeRO 1/2 on bf16 models as one kernel per bucket partition (`autotp_kernels.adam`).
+"""The optimizer step of ZeRO 0-2 on bf16 models as one kernel per bucket partition (stages 1, 2) or parameter
+(stage 0): `autotp_kernels.adam`.
 
 torch's route from a reduced bf16 gradient to an updated bf16 weight is three passes (widen the gradient to fp32,
 the fused Adam kernel, copy the master back to bf16): 44 bytes of traffic per element against the kernel's 28.
@@ -93,9 +94,9 @@ class MasterAdam:
              grad_scale: Optional[torch.Tensor]) -> None:
         """One update of every (gradient, master, weight): the gradient, times `grad_mul` and divided by
         `grad_scale` (the folded clipping) when given, updates the master and its moments; the weight (the
-        master's slice of the model's flat bucket) receives the new master in the model's dtype. A gradient and
-        weight shorter than their (flat) master cover its first elements; the rest is left as it is (a zero
-        gradient's update of a zero master: nothing)."""
+        master's slice of the model's flat bucket, or the parameter itself) receives the new master in the
+        model's dtype. Gradient and weight are flat; shorter than the master, they cover its first elements and
+        the rest is left as it is (a zero gradient's update of a zero master: nothing)."""
         from autotp_kernels.adam import adam_step
 
         # Looked up on every step: `optimizer.load_state_dict` replaces the group dicts the LR scheduler writes.
@@ -108,7 +109,8 @@ class MasterAdam:
             beta1, beta2 = group["betas"]
             decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
             n = grad.numel()
-            adam_step(grad, master.detach()[:n], state["exp_avg"][:n], state["exp_avg_sq"][:n], weight, count + 1,
+            flat = [t.detach().view(-1)[:n] for t in (master, state["exp_avg"], state["exp_avg_sq"])]
+            adam_step(grad, *flat, weight, count + 1,
                       lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], decoupled=decoupled, grad_mul=grad_mul,
                       grad_scale=grad_scale)

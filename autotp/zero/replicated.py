@@ -1,7 +1,9 @@
 """ZeRO stage 0: every DP rank holds the whole optimizer state of its TP shard; gradients are all-reduced.
 
 With bf16/fp16 the optimizer updates fp32 master copies and gradients accumulate in fp32 on the masters, one
-`add_` per parameter after each backward (the half-precision gradient is freed right away).
+`add_` per parameter after each backward (the half-precision gradient is freed right away). On bf16 models the step
+can run in one kernel per parameter (`master_adam.py`) that writes the bf16 weight too; with one micro-step per
+step and DP = 1 it reads the bf16 gradient as it is, with no fp32 copy of it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..step import step_with_scale
+from .master_adam import MasterAdam
 from .norm import count_once_weights, sumsq_of
 
 
@@ -40,7 +43,7 @@ class ReplicatedState:
     stage = 0
 
     def __init__(self, params: list[nn.Parameter], names: list[str], optimizer, groups, bucket_size: int,
-                 mixed_precision: bool):
+                 mixed_precision: bool, kernels: str = "auto"):
         self.params = params
         self.names = names
         self.optimizer = optimizer
@@ -54,6 +57,11 @@ class ReplicatedState:
                 group["params"] = [master_of.get(id(p), p) for p in group["params"]]
         self._weights = [count_once_weights(p, groups.tp_rank) for p in params]
         self.hooks: list = []  # none: gradients are summed after backward (`end_backward`), not by hooks
+        self.master_adam = None
+        if self.masters is not None and all(p.is_contiguous() for p in params):  # the kernel writes them flat
+            self.master_adam = MasterAdam.for_masters(optimizer, self.masters, params[0].dtype, kernels)
+        self._reduce_now = False
+        self._kernel_step = False  # whether this step reads the gradients `_kernel_grad` names
 
     @property
     def trained(self) -> list[nn.Parameter]:
@@ -62,13 +70,16 @@ class ReplicatedState:
 
     # ---- backward ------------------------------------------------------------------------------------
     def begin_backward(self, reduce_now: bool) -> None:
-        pass
+        self._reduce_now = reduce_now
 
     def end_backward(self) -> None:
         if self.masters is None:
             return
+        # A window of one micro-step at DP = 1 with the kernel step to come: the bf16 gradient stays where it is
+        # and the kernel reads it (an fp32 copy and its read were 6 of the 34 bytes per element of such a step).
+        defer = self.master_adam is not None and self._reduce_now and self.groups.dp_size == 1
         for param, master in zip(self.params, self.masters):
-            if param.grad is None:
+            if param.grad is None or (defer and master.grad is None):
                 continue
             if master.grad is None:
                 master.grad = param.grad.float()
@@ -78,6 +89,9 @@ class ReplicatedState:
 
     def reduce(self) -> None:
         """Mean of gradients over DP in flat buckets of `bucket_size` elements per dtype."""
+        self._kernel_step = self.master_adam is not None and self.master_adam.applies()
+        if not self._kernel_step:
+            self._widen_deferred()
         if self.groups.dp_size == 1:
             return
         buckets: dict = {}
@@ -88,9 +102,32 @@ class ReplicatedState:
         for grads in buckets.values():
             all_reduce_mean(grads, self.groups.dp_group, self.groups.dp_size, self.bucket_size)
 
+    def _widen_deferred(self) -> None:
+        """The bf16 gradients `end_backward` left on the parameters become the masters' fp32 ones."""
+        if self.masters is None:
+            return
+        for param, master in zip(self.params, self.masters):
+            if param.grad is not None:
+                master.grad = param.grad.float()
+                param.grad = None
+
+    def _kernel_grad(self, index: int):
+        """The gradient the kernel step reads for parameter `index`: the master's fp32 one, or the deferred bf16
+        one on the parameter, or None (unused: no update, as torch's step skips it)."""
+        master = self.masters[index]
+        return master.grad if master.grad is not None else self.params[index].grad
+
     # ---- step ----------------------------------------------------------------------------------------
+    def _grad_list(self) -> list:
+        """Per parameter, in the order of `params`, the gradient the step reads (None: unused)."""
+        if self._kernel_step:
+            return [self._kernel_grad(i) for i in range(len(self.params))]
+        return [p.grad for p in self.trained]
+
     def grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.trained if p.grad is not None]
+        """The optimizer's gradients (the masters' under bf16/fp16); when the kernel step takes this step, the
+        ones it reads, some of them still the parameters' bf16 gradients (DP = 1: no mean to take)."""
+        return [g for g in self._grad_list() if g is not None]
 
     def sumsq(self) -> torch.Tensor:
         """This rank's share of the squared global norm; the sum over all ranks is the whole. DP replicas hold
@@ -98,12 +135,21 @@ class ReplicatedState:
         device = self.params[0].device if self.params else torch.device("cpu")
         if self.groups.dp_rank != 0:
             return torch.zeros((), dtype=torch.float32, device=device)
-        return sumsq_of(((param.grad, weight) for param, weight in zip(self.trained, self._weights)
-                         if param.grad is not None), device)
+        return sumsq_of(((grad, weight) for grad, weight in zip(self._grad_list(), self._weights)
+                         if grad is not None), device)
 
     def step(self, grad_scale) -> None:
-        step_with_scale(self.optimizer, grad_scale)
-        self.after_step()
+        if self._kernel_step and not self.master_adam.applies():  # a hook or grad_scale set since `reduce`
+            self._widen_deferred()
+            self._kernel_step = False
+        if not self._kernel_step:
+            step_with_scale(self.optimizer, grad_scale)
+            self.after_step()
+            return
+        triples = [(grad.reshape(-1), master, param.data.view(-1))
+                   for grad, master, param in zip(self._grad_list(), self.masters, self.params) if grad is not None]
+        self.master_adam.step(triples, 1.0, grad_scale)  # writes the weights: no copy from the masters
+        self._kernel_step = False
 
     def after_step(self) -> None:
         if self.masters is not None:
@@ -112,6 +158,7 @@ class ReplicatedState:
                     param.copy_(master)
 
     def zero_grad(self) -> None:
+        self._kernel_step = False
         for p in list(self.params) + list(self.masters or []):
             p.grad = None
 

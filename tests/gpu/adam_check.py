@@ -1,9 +1,10 @@
 """GPU check of autotp_kernels.adam against torch's fused AdamW/Adam on CUDA (not collected by CI: it needs CUDA).
 
 The tolerances are `tests/test_kernels_adam.py`'s, argued there; here the compiled kernel (FMA contraction, the
-GPU's own sqrt/div) runs instead of the interpreter, against torch's CUDA kernel (bias corrections in fp32). The bf16 weight must be the master rounded by
-`.bfloat16()` for every fp32 bit pattern class (ties, near-overflow, subnormals, inf, NaN), and one run must
-give the same bits as the next. Prints one line per case and 'adam: OK' or raises.
+GPU's own sqrt/div) runs instead of the interpreter, against torch's CUDA kernel (bias corrections in fp32). The
+bf16 weight must be the master rounded by `.bfloat16()` for every fp32 bit pattern class (ties, near-overflow,
+subnormals, inf, NaN), and one run must give the same bits as the next. Prints one line per case and 'adam: OK' or
+raises.
 """
 
 import os
@@ -52,7 +53,8 @@ def run(cls, numel, grad_dtype, weight_dtype, weight_decay, grad_mul, scale, bet
     state = opt.state[opt.param_groups[0]["params"][0]]
     master_err = float(((master - ref).abs() / (STEPS * EPS32 * ref.abs() + update_bound)).max())
     avg_err = float(((exp_avg - state["exp_avg"]).abs() / (4 * STEPS * EPS32 * magnitude).clamp_min(1e-30)).max())
-    sq_err = float(((exp_avg_sq - state["exp_avg_sq"]).abs() / (4 * STEPS * EPS32 * sq_magnitude).clamp_min(1e-30)).max())
+    sq_bound = (4 * STEPS * EPS32 * sq_magnitude).clamp_min(1e-30)
+    sq_err = float(((exp_avg_sq - state["exp_avg_sq"]).abs() / sq_bound).max())
     rounded = torch.equal(weight, master.to(weight_dtype))
     name = (f"{cls.__name__} n={numel} grad={grad_dtype} weight={weight_dtype} wd={weight_decay} mul={grad_mul} "
             f"scale={scale} beta2={beta2}")
