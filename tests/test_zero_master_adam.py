@@ -52,17 +52,19 @@ def _train(stage: int, gas: int, kernels: str, dp: int):
     setattr(store, name, lambda arg: uncopied.append(original(arg)) or uncopied[-1])
     _step(engine, gas, dp, seed=5)
     if stage == 0:
-        weights = [p.detach().reshape(-1) for p in store.params]
+        trained = store.masters
+        pairs = [(p.detach().reshape(-1), m) for p, m in zip(store.params, store.masters)]
+        flats = [p.detach().clone() for p in store.params]
     else:
-        weights = [flat[slice(*bucket.partition_range(store.dp_rank))]
-                   for bucket, flat in zip(store.buckets, store.flat_params)]
-    weights_match_masters = all(torch.equal(w, m.detach().reshape(-1).bfloat16())
-                                for w, m in zip(weights, store.masters))
-    states = [optimizer.state[m] for m in store.masters]
-    flats = [p.detach().clone() for p in store.params] if stage == 0 else [f.clone() for f in store.flat_params]
+        trained = store.masters
+        pairs = [(flat[slice(*bucket.partition_range(store.dp_rank))], m)
+                 for bucket, flat, m in zip(store.buckets, store.flat_params, store.masters)]
+        flats = [f.clone() for f in store.flat_params]
+    weights_match_masters = all(torch.equal(w, m.detach().reshape(-1).bfloat16()) for w, m in pairs)
+    states = [optimizer.state[m] for m in trained]
     return dict(kernel=store.master_adam is not None, norm=float(engine.get_global_grad_norm()),
                 uncopied=sum(g is not None and (stage or g.dtype == torch.bfloat16) for g in uncopied),
-                masters=[m.detach().clone() for m in store.masters],
+                masters=[m.detach().clone() for m in trained],
                 exp_avg=[s["exp_avg"].clone() for s in states], steps=[float(s["step"]) for s in states],
                 layout=[{k: (v.dtype, v.device.type, tuple(v.shape)) for k, v in s.items()} for s in states],
                 weights_match_masters=weights_match_masters, tp_rank=engine.tp_rank, flats=flats)
@@ -83,7 +85,7 @@ def test_kernel_step_matches_torch_fused_adamw(stage, gas, world):
     for rank, run in enumerate(results):
         ours, torchs = run["auto"], run["torch"]
         assert ours["kernel"] and not torchs["kernel"], "kernels: auto must take the kernel step, torch must not"
-        assert (ours["uncopied"] > 0) == (dp == 1 and gas == 1) and torchs["uncopied"] == 0, ours["uncopied"]
+        assert (ours["uncopied"] > 0) == (dp == 1 and gas == 1), ours["uncopied"]
         assert ours["norm"] > CLIP, "the clipping must be active for this test to check the folded scale"
         assert ours["norm"] == pytest.approx(torchs["norm"], rel=1e-6)
         assert ours["weights_match_masters"], rank
@@ -177,3 +179,31 @@ def test_reads_param_groups_and_counts_after_load_state_dict():
     assert MasterAdam.for_masters(torch.optim.AdamW([master], fused=True, amsgrad=True), [master],
                                   torch.bfloat16, "auto") is None
     assert MasterAdam.for_masters(torch.optim.AdamW([master], foreach=True), [master], torch.bfloat16, "auto") is None
+
+
+def _irregular(rank, world_size):
+    """Stage 0 at DP=1 (bf16 gradients left on the parameters for the kernel): two backwards before one step sum
+    in fp32 on the masters as torch's path does, and a step with no backward at all changes nothing."""
+    out = {}
+    for kernels in ("auto", "torch"):
+        engine, optimizer = _engine(0, 1, kernels, 1)
+        ids = batch(seed=5, batch_size=2 * MICRO, seq=SEQ)
+        for half in (ids[:MICRO], ids[MICRO:]):
+            engine.backward(engine(input_ids=half, labels=half).loss)
+        engine.step()
+        before = [m.detach().clone() for m in engine.store.masters]
+        engine.step()  # no backward since the last step
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, engine.store.masters))
+        out[kernels] = dict(masters=before, unchanged=unchanged,
+                            steps=sorted({float(s["step"]) for s in optimizer.state.values()}))
+    return out
+
+
+def test_two_backwards_per_step_and_an_empty_step_at_stage_0():
+    for run in run_distributed(2, _irregular):
+        ours, torchs = run["auto"], run["torch"]
+        assert ours["unchanged"] and torchs["unchanged"]
+        assert ours["steps"] == torchs["steps"] == [1.0]
+        for mine, ref in zip(ours["masters"], torchs["masters"]):
+            bound = torch.finfo(torch.float32).eps * ref.abs() + 1e-5 * LR  # one step: see the module docstring
+            assert bool(((mine - ref).abs() <= bound).all()), float(((mine - ref).abs() / bound).max())

@@ -97,6 +97,9 @@ class MasterAdam:
         master's slice of the model's flat bucket, or the parameter itself) receives the new master in the
         model's dtype. Gradient and weight are flat; shorter than the master, they cover its first elements and
         the rest is left as it is (a zero gradient's update of a zero master: nothing)."""
+        if not triples:  # no gradient anywhere: torch's step does nothing either (its count included)
+            self.optimizer._opt_called = True
+            return
         from autotp_kernels.adam import adam_step
 
         # Looked up on every step: `optimizer.load_state_dict` replaces the group dicts the LR scheduler writes.

@@ -70,6 +70,9 @@ class ReplicatedState:
 
     # ---- backward ------------------------------------------------------------------------------------
     def begin_backward(self, reduce_now: bool) -> None:
+        # A second backward before the step (two `engine.backward` calls, or a retained graph) must not sum into
+        # a deferred bf16 gradient: that sum belongs in fp32 on the master, as torch's path makes it.
+        self._widen_deferred()
         self._reduce_now = reduce_now
 
     def end_backward(self) -> None:
@@ -103,12 +106,15 @@ class ReplicatedState:
             all_reduce_mean(grads, self.groups.dp_group, self.groups.dp_size, self.bucket_size)
 
     def _widen_deferred(self) -> None:
-        """The bf16 gradients `end_backward` left on the parameters become the masters' fp32 ones."""
+        """The bf16 gradients `end_backward` left on the parameters become (or join) the masters' fp32 ones."""
         if self.masters is None:
             return
         for param, master in zip(self.params, self.masters):
             if param.grad is not None:
-                master.grad = param.grad.float()
+                if master.grad is None:
+                    master.grad = param.grad.float()
+                else:
+                    master.grad.add_(param.grad.float())
                 param.grad = None
 
     def _kernel_grad(self, index: int):
