@@ -31,7 +31,7 @@ KERNELS = ("auto", "torch", "triton")
 `torch`: cuBLAS, then the NCCL collective. `triton`: autotp_kernels' Triton GEMM, and on CUDA the collective fused
 into it. `auto` (the default): per shape, the fused path with cuBLAS GEMMs where `autotp_kernels/fused_table.csv`
 measured it faster than cuBLAS then NCCL at this TP size (`autotp_kernels.auto_table`), else as `torch`. `torch`
-also keeps ZeRO 0-2's optimizer step on `optimizer.step()`; the others run it in `autotp_kernels.adam` where it
+also keeps ZeRO 0-3's optimizer step on `optimizer.step()`; the others run it in `autotp_kernels.adam` where it
 applies (`zero/master_adam.py`). This is the one description; the README and the layers point here."""
 COMM_BACKENDS = ("auto", "torch", "nccl_ext")
 _COMM_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",

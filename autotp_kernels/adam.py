@@ -42,7 +42,7 @@ def _to_bf16_rtne(x):
 def _adam_kernel(grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, scale_ptr, numel,
                  step_size, bias_correction2_sqrt, lr_wd, weight_decay, beta1, beta2, eps, grad_mul,
                  DECOUPLED: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_SCALE: tl.constexpr,
-                  WEIGHT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                 WRITE_WEIGHT: tl.constexpr, WEIGHT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK  # int64: a bucket partition can pass 2**31 elements
     offsets = start + tl.arange(0, BLOCK)
     mask = offsets < numel
@@ -67,24 +67,28 @@ def _adam_kernel(grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, 
     tl.store(master_ptr + offsets, param, mask=mask)
     tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=mask)
-    if WEIGHT_BF16:
-        tl.store(weight_ptr + offsets, _to_bf16_rtne(param), mask=mask)
-    else:
-        tl.store(weight_ptr + offsets, param.to(weight_ptr.dtype.element_ty), mask=mask)
+    if WRITE_WEIGHT:
+        if WEIGHT_BF16:
+            tl.store(weight_ptr + offsets, _to_bf16_rtne(param), mask=mask)
+        else:
+            tl.store(weight_ptr + offsets, param.to(weight_ptr.dtype.element_ty), mask=mask)
 
 
 def adam_step(grad: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-              weight: torch.Tensor, step: int, *, lr: float, beta1: float, beta2: float, eps: float,
+              weight: Optional[torch.Tensor], step: int, *, lr: float, beta1: float, beta2: float, eps: float,
               weight_decay: float, decoupled: bool, grad_mul: float = 1.0,
               grad_scale: Optional[torch.Tensor] = None) -> None:
     """One Adam (L2 weight decay) or AdamW (`decoupled`) update of `master` and its moments in place, from
-    `grad * grad_mul / grad_scale`; `weight` receives the new master in its own dtype. `step` is the step count
-    after this step's increment (1 on the first). All tensors contiguous, on one device, with `master`'s numel;
+    `grad * grad_mul / grad_scale`; `weight` receives the new master in its own dtype (None: no weight, as for
+    FSDP2's fp32 shards, which it casts when it gathers them). `step` is the step count after this step's
+    increment (1 on the first). All tensors contiguous, on one device, with `master`'s numel;
     the state fp32, `grad` bf16, fp16 or fp32."""
     if step < 1:
         raise ValueError(f"adam_step: 'step' counts from 1, got {step}")
     numel = master.numel()
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("weight", weight)):
+        if t is None:
+            continue
         if t.numel() != numel or not t.is_contiguous() or t.device != master.device:
             raise ValueError(f"adam_step: '{name}' must be contiguous with {numel} elements on {master.device}, "
                              f"got {tuple(t.shape)} on {t.device} (contiguous={t.is_contiguous()})")
@@ -100,8 +104,9 @@ def adam_step(grad: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, e
     step_size = lr / (1.0 - beta1 ** step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
     _adam_kernel[(triton.cdiv(numel, BLOCK),)](
-        grad, master, exp_avg, exp_avg_sq, weight, grad_scale if grad_scale is not None else master, numel,
+        grad, master, exp_avg, exp_avg_sq, master if weight is None else weight,
+        grad_scale if grad_scale is not None else master, numel,
         step_size, bias_correction2_sqrt, lr * weight_decay, weight_decay, beta1, beta2, eps, grad_mul,
         DECOUPLED=decoupled, HAS_DECAY=weight_decay != 0, HAS_SCALE=grad_scale is not None,
-        WEIGHT_BF16=weight.dtype == torch.bfloat16,
+        WRITE_WEIGHT=weight is not None, WEIGHT_BF16=weight is not None and weight.dtype == torch.bfloat16,
         BLOCK=BLOCK, num_warps=8)

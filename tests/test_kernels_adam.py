@@ -126,3 +126,19 @@ def test_bad_shapes_and_dtypes_name_the_tensor():
     with pytest.raises(ValueError, match="'step' counts from 1"):
         adam_step(f32.bfloat16(), f32.clone(), f32.clone(), f32.clone(), f32.bfloat16(),
                   0, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=True)
+
+
+def test_no_weight_updates_the_same_master():
+    """weight=None (FSDP2's fp32 shards: no model-dtype copy to write) changes nothing else in the update."""
+    grad = _grads(5, torch.bfloat16)[0]
+    runs = []
+    for weight in (torch.empty(NUMEL, dtype=torch.bfloat16), None):
+        master, exp_avg, exp_avg_sq = _START.clone(), torch.zeros(NUMEL), torch.zeros(NUMEL)
+        adam_step(grad, master, exp_avg, exp_avg_sq, weight, 1, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8,
+                  weight_decay=0.1, decoupled=True, grad_scale=torch.tensor(2.0))
+        runs.append((master, exp_avg, exp_avg_sq))
+    assert not torch.equal(runs[0][0], _START)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+_START = torch.randn(NUMEL, generator=torch.Generator().manual_seed(7))

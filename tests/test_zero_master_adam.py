@@ -16,6 +16,8 @@ import torch
 from dist_utils import run_distributed
 from families import batch, tiny_model
 
+from autotp.zero.master_adam import local_of
+
 MICRO, SEQ, CLIP, LR = 2, 10, 0.05, 1e-2
 
 
@@ -47,11 +49,16 @@ def _train(stage: int, gas: int, kernels: str, dp: int):
     store = engine.store
     # Count the gradients the kernel reads without a copy: a parameter's own gradient as a bucket's partition
     # (stages 1/2), a bf16 gradient left on its parameter (stage 0).
-    uncopied, name = [], "_kernel_grad" if stage == 0 else "_own_grad"
-    original = getattr(store, name)
-    setattr(store, name, lambda arg: uncopied.append(original(arg)) or uncopied[-1])
+    uncopied, name = [], {0: "_kernel_grad", 1: "_own_grad", 2: "_own_grad"}.get(stage)
+    if name is not None:
+        original = getattr(store, name)
+        setattr(store, name, lambda arg: uncopied.append(original(arg)) or uncopied[-1])
     _step(engine, gas, dp, seed=5)
-    if stage == 0:
+    if stage == 3:  # FSDP2's fp32 shards are the masters; a persistent (small) parameter has its own
+        trained = [store._trained(i) for i in range(len(store.params))]
+        pairs = [(store.params[i].detach().reshape(-1), m) for i, m in store.masters.items()]
+        flats = []  # sharded over DP: no replicas to compare
+    elif stage == 0:
         trained = store.masters
         pairs = [(p.detach().reshape(-1), m) for p, m in zip(store.params, store.masters)]
         flats = [p.detach().clone() for p in store.params]
@@ -60,12 +67,12 @@ def _train(stage: int, gas: int, kernels: str, dp: int):
         pairs = [(flat[slice(*bucket.partition_range(store.dp_rank))], m)
                  for bucket, flat, m in zip(store.buckets, store.flat_params, store.masters)]
         flats = [f.clone() for f in store.flat_params]
-    weights_match_masters = all(torch.equal(w, m.detach().reshape(-1).bfloat16()) for w, m in pairs)
+    weights_match_masters = all(torch.equal(w, local_of(m.detach()).reshape(-1).bfloat16()) for w, m in pairs)
     states = [optimizer.state[m] for m in trained]
     return dict(kernel=store.master_adam is not None, norm=float(engine.get_global_grad_norm()),
                 uncopied=sum(g is not None and (stage or g.dtype == torch.bfloat16) for g in uncopied),
-                masters=[m.detach().clone() for m in trained],
-                exp_avg=[s["exp_avg"].clone() for s in states], steps=[float(s["step"]) for s in states],
+                masters=[local_of(m.detach()).clone() for m in trained],
+                exp_avg=[local_of(s["exp_avg"]).clone() for s in states], steps=[float(s["step"]) for s in states],
                 layout=[{k: (v.dtype, v.device.type, tuple(v.shape)) for k, v in s.items()} for s in states],
                 weights_match_masters=weights_match_masters, tp_rank=engine.tp_rank, flats=flats)
 
@@ -75,17 +82,18 @@ def _both(rank, world_size, stage, gas):
     return {kernels: _train(stage, gas, kernels, dp) for kernels in ("auto", "torch")}
 
 
-@pytest.mark.parametrize("stage,gas,world", [(1, 1, 4), (2, 2, 4), (1, 1, 2), (0, 1, 2), (0, 2, 4)])
+@pytest.mark.parametrize("stage,gas,world", [(1, 1, 4), (2, 2, 4), (1, 1, 2), (0, 1, 2), (0, 2, 4), (3, 2, 4)])
 def test_kernel_step_matches_torch_fused_adamw(stage, gas, world):
     """(2, 2) accumulates in an fp32 partition gradient: the kernel reads fp32 there, bf16 at (1, 1). At DP=1
     (world 2) a bucket of one parameter passes that parameter's gradient itself, shorter than the padded master;
-    stage 0 there reads the parameters' bf16 gradients, and fp32 master gradients with accumulation or DP."""
+    stage 0 there reads the parameters' bf16 gradients, and fp32 master gradients with accumulation or DP; stage 3
+    updates FSDP2's fp32 shards through their local tensors (and a persistent parameter's bf16 weight)."""
     dp = world // 2
     results = run_distributed(world, _both, stage, gas)
     for rank, run in enumerate(results):
         ours, torchs = run["auto"], run["torch"]
         assert ours["kernel"] and not torchs["kernel"], "kernels: auto must take the kernel step, torch must not"
-        assert (ours["uncopied"] > 0) == (dp == 1 and gas == 1), ours["uncopied"]
+        assert (ours["uncopied"] > 0) == (stage < 3 and dp == 1 and gas == 1), ours["uncopied"]
         assert ours["norm"] > CLIP, "the clipping must be active for this test to check the folded scale"
         assert ours["norm"] == pytest.approx(torchs["norm"], rel=1e-6)
         assert ours["weights_match_masters"], rank

@@ -62,7 +62,7 @@ class ZeroStore(Protocol):
     def step(self, grad_scale) -> None:
         """The optimizer step on what `grads()` hold, dividing them by `grad_scale` (the folded clipping, a device
         tensor) when given, then `after_step()`: `step.step_with_scale(optimizer, grad_scale)`, or a store's own
-        kernel for the same update (stages 0-2 on bf16 models, `master_adam.py`)."""
+        kernel for the same update (bf16 models, `master_adam.py`)."""
 
     def after_step(self) -> None:
         """After `optimizer.step()`: the updated weights reach the model's parameters on every DP rank (a copy from

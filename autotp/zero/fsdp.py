@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from ..shard import layout_of, mark_sharded
 from .dp_shards import GATHER_DTYPE_ATTR, dp_mesh, dp_rows
 from .fsdp_units import move_tp_grad_hooks, plan_units
+from .master_adam import MasterAdam, local_of
 from ..step import step_with_scale
 from .norm import count_once_weights, sumsq_of
 from .replicated import all_reduce_mean
@@ -114,6 +115,13 @@ class FullyShardedState:
             group["params"] = [optimized[id(p)] for p in group["params"] if id(p) in optimized]
         optimizer.state.clear()
         self.optimizer = optimizer
+        # The step in one kernel per tensor (`master_adam`) where it applies: on FSDP2's fp32 shards it saves the
+        # fused AdamW's write-back of the clipped gradient (32 -> 28 bytes per element); a persistent parameter's
+        # kernel writes its bf16 weight too. Every tensor it touches must be contiguous.
+        trained = [self._trained(i) for i in range(len(self.params))]
+        flat_ok = all(local_of(t).is_contiguous() for t in trained + [self.params[i] for i in self._persistent])
+        self.master_adam = MasterAdam.for_masters(optimizer, trained, compute_dtype or torch.float32,
+                                                  cfg.tensor_parallel.kernels) if flat_ok else None
 
     def _set_prefetch(self, bucket: Optional[int]) -> None:
         """`stage3_prefetch_bucket_size`: each unit prefetches the next units (forward) and the previous ones
@@ -202,8 +210,18 @@ class FullyShardedState:
         return sumsq_of(pairs, self.device)
 
     def step(self, grad_scale) -> None:
-        step_with_scale(self.optimizer, grad_scale)
-        self.after_step()
+        if self.master_adam is None or not self.master_adam.applies():
+            step_with_scale(self.optimizer, grad_scale)
+            self.after_step()
+            return
+        triples = []
+        for index, param in enumerate(self.params):
+            trained = self._trained(index)
+            if trained.grad is None:  # unused: no update, as torch's step skips it
+                continue
+            weight = param.detach().view(-1) if index in self.masters else None  # shards: FSDP2 casts on gather
+            triples.append((local_of(trained.grad).reshape(-1), trained, weight))
+        self.master_adam.step(triples, 1.0, grad_scale)
 
     def after_step(self) -> None:
         """The sharded parameters are the masters the optimizer updated (FSDP2 all-gathers them at the next

@@ -1,5 +1,5 @@
-"""The optimizer step of ZeRO 0-2 on bf16 models as one kernel per bucket partition (stages 1, 2) or parameter
-(stage 0): `autotp_kernels.adam`.
+"""The optimizer step of ZeRO 0-3 on bf16 models as one kernel per bucket partition (stages 1, 2) or parameter
+(stage 0; stage 3: each FSDP2 fp32 shard): `autotp_kernels.adam`.
 
 torch's route from a reduced bf16 gradient to an updated bf16 weight is three passes (widen the gradient to fp32,
 the fused Adam kernel, copy the master back to bf16): 44 bytes of traffic per element against the kernel's 28.
@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 from torch.optim import optimizer as torch_optimizer
 
 _OFF_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable")
@@ -29,6 +30,11 @@ def _triton_runs_on(device: torch.device) -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def local_of(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a view of it), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _group_supported(group: dict) -> bool:
@@ -90,12 +96,13 @@ class MasterAdam:
         return state, known[1]
 
     @torch.no_grad()
-    def step(self, triples: list[tuple[torch.Tensor, nn.Parameter, torch.Tensor]], grad_mul: float,
+    def step(self, triples: list[tuple[torch.Tensor, nn.Parameter, Optional[torch.Tensor]]], grad_mul: float,
              grad_scale: Optional[torch.Tensor]) -> None:
         """One update of every (gradient, master, weight): the gradient, times `grad_mul` and divided by
         `grad_scale` (the folded clipping) when given, updates the master and its moments; the weight (the
-        master's slice of the model's flat bucket, or the parameter itself) receives the new master in the
-        model's dtype. Gradient and weight are flat; shorter than the master, they cover its first elements and
+        master's slice of the model's flat bucket, or the parameter itself; None for FSDP2's fp32 shards) receives
+        the new master in the model's dtype. A DTensor master and its state are updated through their local
+        shards. Gradient and weight are flat; shorter than the master, they cover its first elements and
         the rest is left as it is (a zero gradient's update of a zero master: nothing)."""
         if not triples:  # no gradient anywhere: torch's step does nothing either (its count included)
             self.optimizer._opt_called = True
@@ -112,7 +119,7 @@ class MasterAdam:
             beta1, beta2 = group["betas"]
             decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
             n = grad.numel()
-            flat = [t.detach().view(-1)[:n] for t in (master, state["exp_avg"], state["exp_avg_sq"])]
+            flat = [local_of(t.detach()).view(-1)[:n] for t in (master, state["exp_avg"], state["exp_avg_sq"])]
             adam_step(grad, *flat, weight, count + 1,
                       lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], decoupled=decoupled, grad_mul=grad_mul,

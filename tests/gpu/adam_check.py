@@ -70,6 +70,15 @@ for cls in (torch.optim.AdamW, torch.optim.Adam):
             run(cls, 3 * 2 ** 22 + 77, grad_dtype, torch.bfloat16, 0.1, 0.5, 2.5, beta2)
 run(torch.optim.AdamW, BLOCK - 3, torch.bfloat16, torch.float16, 0.0, 1.0, None)
 run(torch.optim.AdamW, BLOCK + 3, torch.bfloat16, torch.float32, 0.1, 1.0, None)
+# weight=None (FSDP2's fp32 shards): the same master and moments as with a weight written
+grad, start = torch.randn(2 ** 22, device="cuda").bfloat16(), torch.randn(2 ** 22, device="cuda")
+outs = []
+for weight in (torch.empty(2 ** 22, dtype=torch.bfloat16, device="cuda"), None):
+    state = [start.clone(), torch.zeros_like(start), torch.zeros_like(start)]
+    adam_step(grad, *state, weight, 1, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True)
+    outs.append(state)
+assert all(torch.equal(a, b) for a, b in zip(*outs)), "weight=None must not change the update"
+print("weight=None: same master and moments", flush=True)
 first = run(torch.optim.AdamW, 2 ** 24, torch.bfloat16, torch.bfloat16, 0.1, 0.5, 3.0)
 again = run(torch.optim.AdamW, 2 ** 24, torch.bfloat16, torch.bfloat16, 0.1, 0.5, 3.0)
 assert all(torch.equal(a, b) for a, b in zip(first, again)), "two runs must give the same bits"
