@@ -13,10 +13,13 @@ to its dtype, so it must equal `master.to(dtype)` bit for bit.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import triton
 
-from autotp_kernels.adam import BLOCK, adam_step
+from autotp_kernels.adam import BLOCK, _adam_kernel, adam_step
 
 STEPS, LR = 3, 1e-2
 EPS32 = torch.finfo(torch.float32).eps
@@ -128,17 +131,23 @@ def test_bad_shapes_and_dtypes_name_the_tensor():
                   0, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=True)
 
 
-def test_no_weight_updates_the_same_master():
-    """weight=None (FSDP2's fp32 shards: no model-dtype copy to write) changes nothing else in the update."""
-    grad = _grads(5, torch.bfloat16)[0]
-    runs = []
-    for weight in (torch.empty(NUMEL, dtype=torch.bfloat16), None):
-        master, exp_avg, exp_avg_sq = _START.clone(), torch.zeros(NUMEL), torch.zeros(NUMEL)
-        adam_step(grad, master, exp_avg, exp_avg_sq, weight, 1, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8,
-                  weight_decay=0.1, decoupled=True, grad_scale=torch.tensor(2.0))
-        runs.append((master, exp_avg, exp_avg_sq))
-    assert not torch.equal(runs[0][0], _START)
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+def test_no_weight_writes_no_weight():
+    """WRITE_WEIGHT=False (`adam_step(weight=None)`, FSDP2's fp32 shards) stores nothing through the weight pointer
+    and updates the master as the weight-writing launch does. Called at the kernel, so a sentinel can sit behind
+    the pointer the launcher would fill with a dummy."""
+    grad, numel = _grads(5, torch.bfloat16)[0], NUMEL
+    written = [_START.clone(), torch.zeros(numel), torch.zeros(numel)]
+    adam_step(grad, *written, torch.empty(numel, dtype=torch.bfloat16), 1, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8,
+              weight_decay=0.1, decoupled=True)
+    sentinel = torch.full((numel,), 7.0, dtype=torch.bfloat16)
+    unwritten = [_START.clone(), torch.zeros(numel), torch.zeros(numel)]
+    _adam_kernel[(triton.cdiv(numel, BLOCK),)](
+        grad, *unwritten, sentinel, unwritten[0], numel, LR / (1 - 0.9), math.sqrt(1 - 0.999), LR * 0.1, 0.1,
+        0.9, 0.999, 1e-8, 1.0, DECOUPLED=True, HAS_DECAY=True, HAS_SCALE=False, WRITE_WEIGHT=False,
+        WEIGHT_BF16=True, BLOCK=BLOCK)
+    assert bool((sentinel == 7.0).all())
+    assert not torch.equal(written[0], _START)
+    assert all(torch.equal(a, b) for a, b in zip(written, unwritten))
 
 
 _START = torch.randn(NUMEL, generator=torch.Generator().manual_seed(7))

@@ -49,9 +49,10 @@ class MasterAdam:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
-        # The step count of each master on the host, with the state tensor it mirrors: the kernel's bias
-        # corrections come from it (`adam_step`), and a state tensor replaced by a checkpoint load is read once.
-        self._counts: dict[int, tuple[torch.Tensor, int]] = {}
+        # The step count of each master on the host, with the state tensor it mirrors and that tensor's version
+        # counter: the kernel's bias corrections come from it (`adam_step`). A state tensor replaced (a checkpoint
+        # load) or changed in place by someone else (torch's step when a step falls back to it) is read once.
+        self._counts: dict[int, tuple[torch.Tensor, int, int]] = {}
 
     @classmethod
     def for_masters(cls, optimizer, masters: list[nn.Parameter], model_dtype: torch.dtype,
@@ -85,15 +86,16 @@ class MasterAdam:
             state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
             state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-            self._counts[id(master)] = (state["step"], 0)
+            self._counts[id(master)] = (state["step"], state["step"]._version, 0)
         elif state["step"].device != master.device or state["step"].dtype != torch.float32:
             # a state loaded for torch's non-fused step (a CPU count): kept where torch's fused step keeps it
             state["step"] = state["step"].to(device=master.device, dtype=torch.float32)
+        step = state["step"]
         known = self._counts.get(id(master))
-        if known is None or known[0] is not state["step"]:  # loaded or set from outside: read once (a sync)
-            known = (state["step"], int(state["step"].item()))
+        if known is None or known[0] is not step or known[1] != step._version:  # set from outside: a sync, once
+            known = (step, step._version, int(step.item()))
             self._counts[id(master)] = known
-        return state, known[1]
+        return state, known[2]
 
     @torch.no_grad()
     def step(self, triples: list[tuple[torch.Tensor, nn.Parameter, Optional[torch.Tensor]]], grad_mul: float,
@@ -114,7 +116,7 @@ class MasterAdam:
         states = [self._state(master) for _, master, _ in triples]
         torch._foreach_add_([state["step"] for state, _ in states], 1.0)  # torch's count, kept for checkpoints
         for (grad, master, weight), (state, count) in zip(triples, states):
-            self._counts[id(master)] = (state["step"], count + 1)
+            self._counts[id(master)] = (state["step"], state["step"]._version, count + 1)
             group = group_of[id(master)]
             beta1, beta2 = group["betas"]
             decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
