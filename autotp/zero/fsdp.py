@@ -33,10 +33,10 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 
 from ..shard import layout_of, mark_sharded
+from ..step import step_with_scale
 from .dp_shards import GATHER_DTYPE_ATTR, dp_mesh, dp_rows
 from .fsdp_units import move_tp_grad_hooks, plan_units
 from .master_adam import MasterAdam, local_of
-from ..step import step_with_scale
 from .norm import count_once_weights, sumsq_of
 from .replicated import all_reduce_mean
 

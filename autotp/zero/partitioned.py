@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .backend import make_backend
 from ..step import step_with_scale
+from .backend import make_backend
 from .buckets import Bucket, make_tracker, plan
 from .master_adam import MasterAdam
 from .norm import count_once_weights, sumsq_of

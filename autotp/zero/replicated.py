@@ -72,15 +72,20 @@ class ReplicatedState:
     def begin_backward(self, reduce_now: bool) -> None:
         # A second backward before the step (two `engine.backward` calls, or a retained graph) must not sum into
         # a deferred bf16 gradient: that sum belongs in fp32 on the master, as torch's path makes it.
-        self._widen_deferred()
+        if self.master_adam is not None:
+            self._to_masters(defer=False)
         self._reduce_now = reduce_now
 
     def end_backward(self) -> None:
-        if self.masters is None:
-            return
         # A window of one micro-step at DP = 1 with the kernel step to come: the bf16 gradient stays where it is
         # and the kernel reads it (an fp32 copy and its read were 6 of the 34 bytes per element of such a step).
-        defer = self.master_adam is not None and self._reduce_now and self.groups.dp_size == 1
+        self._to_masters(defer=self.master_adam is not None and self._reduce_now and self.groups.dp_size == 1)
+
+    def _to_masters(self, defer: bool) -> None:
+        """Each parameter's half-precision gradient becomes (or joins) its master's fp32 one and is freed; with
+        `defer`, one whose master has none yet stays on the parameter for the kernel step to read."""
+        if self.masters is None:
+            return
         for param, master in zip(self.params, self.masters):
             if param.grad is None or (defer and master.grad is None):
                 continue
@@ -93,8 +98,8 @@ class ReplicatedState:
     def reduce(self) -> None:
         """Mean of gradients over DP in flat buckets of `bucket_size` elements per dtype."""
         self._kernel_step = self.master_adam is not None and self.master_adam.applies()
-        if not self._kernel_step:
-            self._widen_deferred()
+        if self.master_adam is not None and not self._kernel_step:
+            self._to_masters(defer=False)  # what `end_backward` left for a kernel step that is not taken
         if self.groups.dp_size == 1:
             return
         buckets: dict = {}
@@ -104,18 +109,6 @@ class ReplicatedState:
             buckets.setdefault(param.grad.dtype, []).append(param.grad)
         for grads in buckets.values():
             all_reduce_mean(grads, self.groups.dp_group, self.groups.dp_size, self.bucket_size)
-
-    def _widen_deferred(self) -> None:
-        """The bf16 gradients `end_backward` left on the parameters become (or join) the masters' fp32 ones."""
-        if self.masters is None:
-            return
-        for param, master in zip(self.params, self.masters):
-            if param.grad is not None:
-                if master.grad is None:
-                    master.grad = param.grad.float()
-                else:
-                    master.grad.add_(param.grad.float())
-                param.grad = None
 
     def _kernel_grad(self, index: int):
         """The gradient the kernel step reads for parameter `index`: the master's fp32 one, or the deferred bf16
@@ -146,7 +139,7 @@ class ReplicatedState:
 
     def step(self, grad_scale) -> None:
         if self._kernel_step and not self.master_adam.applies():  # a hook or grad_scale set since `reduce`
-            self._widen_deferred()
+            self._to_masters(defer=False)
             self._kernel_step = False
         if not self._kernel_step:
             step_with_scale(self.optimizer, grad_scale)
